@@ -1,0 +1,73 @@
+"""Shared fixtures: a tiny synthetic competition set and one small training run, built once per session."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import train_infer as ti  # noqa: E402
+
+REAL_DIR = ROOT.parent / "shared" / "cmi_real"
+# Variables the script reads: tests start from a clean slate so a developer's shell cannot change them.
+SCRIPT_ENV_PREFIXES = ("CMI_", "LGBM_", "DL_", "TORCH_", "KERAS_", "FRAME_CACHE_", "ENSEMBLE_", "RUN_",
+                       "KAGGLE_IS_COMPETITION_RERUN")
+
+
+@contextmanager
+def script_env(**values: str):
+    saved = {k: v for k, v in os.environ.items() if k.startswith(SCRIPT_ENV_PREFIXES)}
+    for k in saved:
+        del os.environ[k]
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k in [k for k in os.environ if k.startswith(SCRIPT_ENV_PREFIXES)]:
+            del os.environ[k]
+        os.environ.update(saved)
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch):
+    for k in list(os.environ):
+        if k.startswith(SCRIPT_ENV_PREFIXES):
+            monkeypatch.delenv(k)
+    yield
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """4 train subjects (~400 sequences) and 2 test subjects (~200, half IMU-only), competition format."""
+    return ti.generate_synthetic_competition_data(tmp_path_factory.mktemp("tiny_data"), 4, 2, seed=7)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tiny_data, tmp_path_factory) -> tuple[Path, dict]:
+    """One end-to-end run on the tiny set: 2 folds, train, save, answer every test sequence."""
+    out = tmp_path_factory.mktemp("trained")
+    with script_env(LGBM_N_ESTIMATORS="60", LGBM_ES_ROUNDS="15"):
+        result = ti.main(["--data-dir", str(tiny_data), "--output-dir", str(out), "--folds", "2"])
+    return out, result
+
+
+@pytest.fixture
+def predictor(trained_run):
+    ti.configure_inference(trained_run[0])
+    yield ti._get_predictor()
+    ti.configure_inference(None)
+
+
+@pytest.fixture
+def warnings_seen(caplog):
+    """The script's logger does not propagate; attach caplog's handler to it directly."""
+    ti.LOG.addHandler(caplog.handler)
+    caplog.set_level(logging.INFO, logger="cmi")
+    yield caplog
+    ti.LOG.removeHandler(caplog.handler)

@@ -1,0 +1,64 @@
+"""Config classes read the environment when built; a malformed value names its variable."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import train_infer as ti
+
+
+def test_defaults_follow_the_design_notes():
+    s = ti.Settings.from_env()
+    assert s.dl.FIXED_PAD_LEN == 90 and s.dl.PAD_LEN_PERCENTILE == 95
+    assert s.dl.BATCH_SIZE == 512 and s.dl.ACCUM_STEPS == 1 and s.dl.NUM_WORKERS == 2
+    assert s.dl.ES_PATIENCE == 6 and s.dl.ES_MIN_DELTA == 1e-4
+    assert s.frame_cache.MAX_ITEMS == 1600 and s.frame_cache.MAX_BYTES == 2048 * 1024 * 1024
+    assert s.keras.BATCH_SIZE == 512 and s.keras.EARLY_STOPPING_PATIENCE == 3 and s.keras.REDUCE_LR_PATIENCE == 2
+    assert s.keras_speed.MIXED_PRECISION is None and s.keras_speed.JIT_COMPILE is False
+    assert s.ensemble.TRIALS == 1024
+    assert s.cfg.RUN_LGBM_TRAINING and s.cfg.N_FOLDS == 5 and s.cfg.SYNTHETIC_SIZE == "demo"
+    assert s.dl.FRAME_FEATURE_DIR == Path(s.cfg.OUTPUT_PATH) / "frame_features"
+
+
+def test_environment_is_read_when_the_object_is_built(monkeypatch):
+    monkeypatch.setenv("DL_NUM_WORKERS", "4")
+    monkeypatch.setenv("FRAME_CACHE_MAX_MB", "1.5")
+    monkeypatch.setenv("KERAS_MP", "0")
+    assert ti.DLConfig().NUM_WORKERS == 4
+    assert ti.FrameCacheConfig().MAX_BYTES == int(1.5 * 1024 * 1024)
+    assert ti.KerasSpeedConfig().MIXED_PRECISION is False
+
+
+@pytest.mark.parametrize("name,value", [
+    ("DL_NUM_WORKERS", "abc"), ("DL_NUM_WORKERS", "-1"), ("FRAME_CACHE_MAX_MB", "lots"),
+    ("FRAME_CACHE_MAX_MB", "nan"), ("KERAS_MP", "maybe"), ("CMI_N_FOLDS", "1"), ("CMI_SYNTHETIC_SIZE", "huge"),
+    ("KERAS_CONV_BLOCKS", "5"), ("LGBM_LEARNING_RATE", "fast"), ("RUN_LGBM_TRAINING", "2"),
+    ("RUN_TORCH_TRAINING", "1"),
+])
+def test_bad_value_names_the_variable(monkeypatch, name, value):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ti.ConfigError, match=name):
+        ti.Settings.from_env()
+
+
+def test_main_stops_at_start_up_on_a_bad_value(monkeypatch, tmp_path):
+    monkeypatch.setenv("DL_NUM_WORKERS", "abc")
+    with pytest.raises(SystemExit, match="DL_NUM_WORKERS"):
+        ti.main(["--output-dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()                 # nothing was done before the check
+
+
+def test_import_has_no_side_effects(tmp_path):
+    env = {k: v for k, v in os.environ.items()}
+    env["PYTHONPATH"] = str(Path(ti.__file__).parent)
+    proc = subprocess.run([sys.executable, "-c", "import train_infer"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "" and proc.stderr == ""
+    assert list(tmp_path.iterdir()) == []
+    heavy = subprocess.run([sys.executable, "-c", "import sys, train_infer; "
+                            "print(sorted(m for m in ('lightgbm', 'torch', 'tensorflow', 'keras', 'sklearn') "
+                            "if m in sys.modules))"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert heavy.stdout.strip() == "[]"

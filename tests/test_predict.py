@@ -1,0 +1,144 @@
+"""End to end on tiny data, reload for inference, and predict() on bad input: always a valid gesture."""
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+
+import train_infer as ti
+from conftest import REAL_DIR
+
+
+def _test_sequences(tiny_data):
+    test = pl.read_csv(tiny_data / "test.csv")
+    demographics = pl.read_csv(tiny_data / "test_demographics.csv")
+    return list(ti._gateway_sequences(test, demographics, seed=0))
+
+
+def test_end_to_end_trains_saves_and_answers_every_test_sequence(trained_run, tiny_data):
+    out, result = trained_run
+    assert {"artifacts.json", "fold_metrics.csv", "oof_predictions.parquet", "summary.csv", "submission.csv",
+            "train_log.txt", "run_summary.json"} <= {p.name for p in out.iterdir()}
+    assert sorted(p.name for p in (out / "models").iterdir()) == sorted(
+        f"lgbm_{v}_fold{k}.txt" for v in ("imu", "full") for k in range(2))
+    manifest = json.loads((out / "artifacts.json").read_text())
+    assert manifest["feature_version"] == ti.feature_version(True)
+    assert "lightgbm" in manifest["library_versions"] and manifest["classes"] == list(ti.GESTURES)
+    submission = pl.read_csv(out / "submission.csv")
+    test_ids = pl.read_csv(tiny_data / "test.csv")["sequence_id"].unique().sort()
+    assert submission.columns == ["sequence_id", "gesture"]
+    assert submission["sequence_id"].sort().equals(test_ids)
+    assert submission["gesture"].is_in(ti.GESTURES).all()
+    assert result["inference"]["warnings"].get("fallback", 0) == 0   # no answer came from the fail-safe
+    folds = pl.read_csv(out / "fold_metrics.csv")
+    assert folds.height == 4 and {"binary_f1", "macro_f1", "score"} <= set(folds.columns)
+    oof = pl.read_parquet(out / "oof_predictions.parquet")
+    assert oof.height == pl.read_csv(tiny_data / "train.csv")["sequence_id"].n_unique()
+    # the models learned something: far above the 1/18 chance level on held-out subjects
+    assert result["inference"]["synthetic_test"]["all"]["score"] > 0.4
+    summary = {r["route"]: r for r in result["summary"]}
+    assert summary["imu"]["oof_score"] > 0.3 and summary["full"]["oof_score"] > 0.3
+
+
+def test_infer_only_reloads_and_gives_the_same_answers(trained_run, tiny_data, tmp_path):
+    out, _ = trained_run
+    ti.main(["--infer-only", "--model-dir", str(out), "--data-dir", str(tiny_data), "--output-dir", str(tmp_path)])
+    assert pl.read_csv(tmp_path / "submission.csv").equals(pl.read_csv(out / "submission.csv"))
+    assert not (tmp_path / "models").exists()
+
+
+def test_infer_only_refuses_artifacts_from_other_features(trained_run, tiny_data, tmp_path):
+    out, _ = trained_run
+    stale = tmp_path / "stale"
+    stale.mkdir()
+    manifest = json.loads((out / "artifacts.json").read_text())
+    manifest["feature_version"] = "0000000000000000"
+    (stale / "artifacts.json").write_text(json.dumps(manifest))
+    with pytest.raises(SystemExit, match="feature version"):
+        ti.main(["--infer-only", "--model-dir", str(stale), "--data-dir", str(tiny_data),
+                 "--output-dir", str(tmp_path / "o")])
+
+
+def test_imu_only_sequences_are_routed_to_imu_models(predictor, tiny_data):
+    routes = {}
+    for _, sequence, demo in _test_sequences(tiny_data)[:40]:
+        imu_only = sequence.select(pl.col("thm_1").is_null().all()).item()
+        routes[imu_only] = predictor.predict_proba(sequence, demo)[1]
+    assert routes == {True: "imu", False: "full"}
+
+
+def _one(tiny_data, full_sensor=True):
+    for _, sequence, demo in _test_sequences(tiny_data):
+        if sequence["thm_1"].is_not_null().any() == full_sensor:
+            return sequence, demo
+    raise AssertionError("no such sequence")
+
+
+BAD_INPUTS = {
+    "all thm/tof null": (lambda s, d: (s.with_columns([pl.lit(None, pl.Float64).alias(c)
+                                                       for c in ti.THM_COLUMNS + ti.TOF_COLUMNS]), d), "imu_only"),
+    "all rot null": (lambda s, d: (s.with_columns([pl.lit(None, pl.Float64).alias(c)
+                                                   for c in ("rot_w", "rot_x", "rot_y", "rot_z")]), d), "no_rotation"),
+    "NaN and inf values": (lambda s, d: (s.with_columns(pl.lit(float("nan")).alias("acc_x"),
+                                                        pl.lit(float("inf")).alias("thm_2")), d), "non_finite"),
+    "1-row sequence": (lambda s, d: (s.head(1), d), "length"),
+    "1,000-row sequence": (lambda s, d: (pl.concat([s] * (1000 // s.height + 1)).head(1000).with_columns(
+        pl.int_range(1000).alias("sequence_counter")), d), "length"),
+    "columns in another order": (lambda s, d: (s.select(list(reversed(s.columns))), d), "column_order"),
+    "extra columns": (lambda s, d: (s.with_columns(pl.lit(1).alias("battery")), d), "extra_columns"),
+    "missing sensor column": (lambda s, d: (s.drop("tof_3_v12", "acc_y"), d), "missing_columns"),
+    "empty demographics": (lambda s, d: (s, d.clear()), "demographics"),
+    "missing demographics": (lambda s, d: (s, None), "demographics"),
+    "unknown subject": (lambda s, d: (s.with_columns(pl.lit("SUBJ_999999").alias("subject")), d), "subject"),
+    "strings in a sensor column": (lambda s, d: (s.with_columns(pl.lit("oops").alias("thm_4")), d), "non_finite"),
+    "empty sequence": (lambda s, d: (s.clear(), d), "fallback"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_gives_a_valid_gesture_and_a_warning(case, trained_run, tiny_data, warnings_seen):
+    ti.configure_inference(trained_run[0])
+    make, kind = BAD_INPUTS[case]
+    sequence, demo = make(*_one(tiny_data))
+    answer = ti.predict(sequence, demo)
+    assert answer in ti.GESTURES
+    assert ti._PREDICTOR_STATE["warnings"].counts.get(kind, 0) >= 1, warnings_seen.text
+    assert any(r.levelname == "WARNING" for r in warnings_seen.records)
+    ti.configure_inference(None)
+
+
+def test_unusable_model_folder_falls_back_with_a_warning(tmp_path, tiny_data, warnings_seen):
+    ti.configure_inference(tmp_path)                       # no artifacts here
+    sequence, demo = _one(tiny_data)
+    assert ti.predict(sequence, demo) == ti.DEFAULT_GESTURE
+    assert ti.predict(sequence, demo) == ti.DEFAULT_GESTURE
+    assert ti._PREDICTOR_STATE["warnings"].counts["fallback"] == 2
+    assert "no artifacts.json" in warnings_seen.text
+    ti.configure_inference(None)
+
+
+def test_a_broken_family_is_skipped_not_fatal(trained_run, tmp_path, tiny_data, warnings_seen):
+    import shutil
+    out = tmp_path / "copy"
+    shutil.copytree(trained_run[0] / "models", out / "models")
+    shutil.copy(trained_run[0] / "artifacts.json", out / "artifacts.json")
+    (out / "models" / "lgbm_full_fold1.txt").write_text("not a model")
+    ti.configure_inference(out)
+    sequence, demo = _one(tiny_data, full_sensor=True)
+    assert ti.predict(sequence, demo) in ti.GESTURES
+    assert ti._get_predictor().route(ti.sensor_matrix(sequence)) == "imu"   # full family failed to load
+    assert "Could not load lgbm/full" in warnings_seen.text
+    ti.configure_inference(None)
+
+
+@pytest.mark.skipif(not (REAL_DIR / "test.csv").exists(), reason="shared/cmi_real is absent")
+def test_real_test_sequences_get_valid_gestures(predictor):
+    test = pl.read_csv(REAL_DIR / "test.csv")               # read as the gateway would
+    demographics = pl.read_csv(REAL_DIR / "test_demographics.csv")
+    answers = []
+    for _, sequence, demo in ti._gateway_sequences(test, demographics, seed=0):
+        probs, route = predictor.predict_proba(sequence, demo)
+        assert np.isfinite(probs).all() and probs.sum() == pytest.approx(1.0, abs=1e-6)
+        assert route == "full"
+        answers.append(ti.predict(sequence, demo))
+    assert len(answers) == 2 and all(a in ti.GESTURES for a in answers)
