@@ -363,7 +363,7 @@ GESTURE_REPEATS = {g: 8 for g in TARGET_GESTURES} | {g: 2 for g in NON_TARGET_GE
 ORIENTATION_ROTVEC_DEG = {"Seated Straight": (0, 0, 0), "Seated Lean Non Dom - FACE DOWN": (35, 0, 0),
                           "Lie on Back": (0, -90, 0), "Lie on Side - Non Dominant": (90, 0, 0)}
 SYNTHETIC_SIZES = {"demo": (16, 4), "full": (81, 10)}  # (train subjects, test subjects)
-SYNTHETIC_VERSION = "synthetic-v2"  # bump when the generator changes: cached sets are then rebuilt
+SYNTHETIC_VERSION = "synthetic-v3"  # bump when the generator changes: cached sets are then rebuilt
 SYNTHETIC_WARNING = ("SYNTHETIC DATA: no competition files were found (or --synthetic was given). Scores below "
                      "are on generated data and are NOT competition scores.")
 
@@ -386,15 +386,16 @@ class _SubjectTraits:
     pose_offset: np.ndarray   # radians, added to every target pose
     freq_scale: float
     amp_scale: float
-    warmth_gain: float
+    warmth_gain: np.ndarray   # per thermopile: how the device sits on this wrist
     ambient: np.ndarray       # thermopile ambient temperature per sensor
-    tof_scale: float
+    tof_scale: np.ndarray     # per ToF sensor
 
 
 def _subject_traits(rng: np.random.Generator) -> _SubjectTraits:
-    return _SubjectTraits(pose_offset=rng.normal(0, np.deg2rad(30), 3), freq_scale=float(rng.lognormal(0, 0.2)),
-                          amp_scale=float(rng.lognormal(0, 0.25)), warmth_gain=float(rng.uniform(0.6, 1.3)),
-                          ambient=rng.uniform(23, 27) + rng.normal(0, 0.5, 5), tof_scale=float(rng.uniform(0.7, 1.4)))
+    return _SubjectTraits(pose_offset=rng.normal(0, np.deg2rad(35), 3), freq_scale=float(rng.lognormal(0, 0.3)),
+                          amp_scale=float(rng.lognormal(0, 0.3)), warmth_gain=rng.uniform(0.6, 1.3) * rng.lognormal(0, 0.4, 5),
+                          ambient=rng.uniform(23, 27) + rng.normal(0, 0.5, 5),
+                          tof_scale=rng.uniform(0.7, 1.4) * rng.lognormal(0, 0.3, 5))
 
 
 def _synthesize_sequence(rng: np.random.Generator, gesture: str, orientation: str, traits: _SubjectTraits
@@ -415,24 +416,25 @@ def _synthesize_sequence(rng: np.random.Generator, gesture: str, orientation: st
 
     # Orientation: rest pose -> target pose (with subject and repetition offsets), then the rhythm's wiggle.
     rest = _rotvec_deg((rng.normal(0, 15), rng.normal(-30, 15), rng.normal(0, 20)))
-    target = _rotvec_deg(prof.pose_deg) + traits.pose_offset + rng.normal(0, np.deg2rad(25), 3)
+    target = _rotvec_deg(prof.pose_deg) + traits.pose_offset + rng.normal(0, np.deg2rad(35), 3)
     q_rest, q_target = quat_from_rotvec(rest), quat_from_rotvec(target)
     delta = quat_to_rotvec(quat_mul(quat_conj(q_rest), q_target))
     q_hand = quat_mul(np.broadcast_to(q_rest, (n, 4)), quat_from_rotvec(prox[:, None] * delta))
-    freq = prof.freq * traits.freq_scale * rng.lognormal(0, 0.15)
+    freq = prof.freq * traits.freq_scale * rng.lognormal(0, 0.25)
     phase0 = rng.uniform(0, 2 * np.pi)
     active = (t >= g0).astype(np.float64) * np.clip((t - g0 + 1) / 3, 0, 1)   # rhythm fades in over 3 frames
     wave = np.sin(2 * np.pi * freq * (t - g0) + phase0) * active
     wave2 = np.sin(4 * np.pi * freq * (t - g0) + 2 * phase0) * active
     rot_axis = np.asarray(prof.rot_axis, dtype=np.float64) / np.linalg.norm(prof.rot_axis)
     rot_amp = np.deg2rad(prof.rot_amp_deg) * rng.lognormal(0, 0.15)
-    wiggle = quat_from_rotvec((rot_amp * wave)[:, None] * rot_axis + rng.normal(0, 0.01, (n, 3)))
+    drift = np.cumsum(rng.normal(0, np.deg2rad(1.5), (n, 3)), axis=0)     # the hand wanders a little
+    wiggle = quat_from_rotvec((rot_amp * wave)[:, None] * rot_axis + drift + rng.normal(0, 0.01, (n, 3)))
     q_body = quat_from_rotvec(_rotvec_deg(ORIENTATION_ROTVEC_DEG[orientation]) + rng.normal(0, np.deg2rad(5), 3))
     quat = quat_mul(np.broadcast_to(q_body, (n, 4)), quat_mul(q_hand, wiggle))
 
     # Accelerometer: gravity in the sensor frame + hand acceleration (a move burst, then the rhythm).
     axis = np.asarray(prof.axis, dtype=np.float64) / np.linalg.norm(prof.axis)
-    amp = prof.amp * traits.amp_scale * rng.lognormal(0, 0.3)
+    amp = prof.amp * traits.amp_scale * rng.lognormal(0, 0.45)
     move_dir = rng.normal(0, 1, 3)
     move_burst = np.sin(2 * np.pi * np.clip(t / max(n_move, 1), 0, 1)) * rng.uniform(0.5, 2.0)
     lin = (amp * (wave[:, None] * axis + 0.3 * wave2[:, None] * np.roll(axis, 1))
@@ -447,19 +449,19 @@ def _synthesize_sequence(rng: np.random.Generator, gesture: str, orientation: st
     for i, p in enumerate(prox):                           # first-order thermal lag, alpha 0.3 per frame
         level += 0.3 * (p - level)
         lagged[i] = level
-    warmth = np.asarray(prof.warmth) * traits.warmth_gain * rng.lognormal(0, 0.5)
+    warmth = np.asarray(prof.warmth) * traits.warmth_gain * rng.lognormal(0, 0.7)
     thm = (traits.ambient + rng.normal(0, 0.6, 5) + lagged[:, None] * warmth * (1 + 0.1 * wave[:, None])
            + rng.normal(0, 0.15, (n, 5)))
 
     # ToF: per sensor an 8x8 grid; pixels the target covers read its distance (plus a tilt), others -1.
     tof = np.full((n, 5, 64), -1.0)
     rows, cols = np.divmod(np.arange(64), 8)
-    coverage = prof.coverage * rng.uniform(0.8, 1.2)
+    coverage = prof.coverage * rng.uniform(0.6, 1.4)
     for k in range(5):
         base = prof.tof_dist[k]
         rank = (rng.normal(0, 1) * (rows - 3.5) + rng.normal(0, 1) * (cols - 3.5)) / 8 + 0.5 + rng.normal(0, 0.15, 64)
         if base > 0:
-            dist = 230 - (230 - base * traits.tof_scale * rng.lognormal(0, 0.45)) * prox + 6 * wave
+            dist = 230 - (230 - base * traits.tof_scale[k] * rng.lognormal(0, 0.6)) * prox + 6 * wave
             visible = rank[None, :] < coverage * prox[:, None] + 0.05
         else:                                             # nothing at the target: stray objects far away
             dist = np.full(n, rng.uniform(150, 240))
@@ -576,6 +578,7 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o644)                                 # mkstemp makes 0600; outputs are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -1341,6 +1344,8 @@ def _gateway_sequences(test: pl.DataFrame, demographics: pl.DataFrame, seed: int
 def run_inference(data_dir: Path, output_dir: Path, seed: int) -> dict[str, Any]:
     """Serve the competition (rerun), use kaggle_evaluation's local gateway, or run the built-in loop."""
     test_csv, demo_csv = data_dir / "test.csv", data_dir / "test_demographics.csv"
+    if (data_dir / "kaggle_evaluation").is_dir() and str(data_dir) not in sys.path:
+        sys.path.append(str(data_dir))                       # the competition ships the package beside its CSVs
     try:
         from kaggle_evaluation import cmi_inference_server  # shipped by the competition, not on PyPI
     except ImportError:
