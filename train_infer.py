@@ -19,6 +19,7 @@ Importing this module trains nothing, reads nothing and prints nothing: ``main()
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import difflib
 import hashlib
@@ -364,7 +365,7 @@ ORIENTATION_ROTVEC_DEG = {"Seated Straight": (0, 0, 0), "Seated Lean Non Dom - F
                           "Lie on Back": (0, -90, 0), "Lie on Side - Non Dominant": (90, 0, 0)}
 SYNTHETIC_SIZES = {"demo": (16, 4), "full": (81, 10)}  # (train subjects, test subjects)
 SYNTHETIC_VERSION = "synthetic-v3"  # bump when the generator changes: cached sets are then rebuilt
-SYNTHETIC_WARNING = ("SYNTHETIC DATA: no competition files were found (or --synthetic was given). Scores below "
+SYNTHETIC_WARNING = ("SYNTHETIC DATA: no competition files were found (or --synthetic was given). Scores in this run "
                      "are on generated data and are NOT competition scores.")
 
 
@@ -539,7 +540,6 @@ def _synthesize_split(rng: np.random.Generator, subjects: list[str], seq_ids: li
                 frames[:, idx["thm_5"]] = np.nan
         if null_rates and rng.random() < 0.006:           # about 50 of 8,151 train sequences lack rotation
             frames[:, 3:7] = np.nan
-        n = len(frames)
         seq_id = f"SEQ_{seq_number:06d}"
         blocks.append((seq_id, subject, gesture, orientation, phase, behavior, frames))
         labels.append((seq_id, subject, gesture, orientation, u < imu_only_share))
@@ -1268,7 +1268,7 @@ class GesturePredictor:
         aggregates = aggregate_features(frame_features_from_raw(raw, starts, left)).to_numpy()[0]
         row = np.concatenate([aggregates, [demo[c] for c in DEMOGRAPHIC_FEATURES]]).astype(np.float32)
         probs, weight = np.zeros(len(GESTURES)), 0.0
-        for family, column_index, models in self.models[variant]:
+        for _family, column_index, models in self.models[variant]:
             x = row[column_index][None, :]
             # num_threads=1: one row; thread start-up would cost more than the trees (measured by bench/).
             family_probs = np.mean([m.predict(x, num_threads=1)[0] for m in models], axis=0)
@@ -1407,8 +1407,6 @@ def score_synthetic_submission(submission: pl.DataFrame, labels: pl.DataFrame) -
         if part.height:
             s = competition_score(part["gesture"].to_list(), part["gesture_pred"].to_list())
             out[name] = {"n": part.height, **{k: round(v, 4) for k, v in dataclasses.asdict(s).items()}}
-            LOG.info("Synthetic hold-out test (%s, %d sequences; NOT a competition score): score %.4f "
-                     "(BinF1 %.4f, MacroF1 %.4f)", name, part.height, s.score, s.binary_f1, s.macro_f1)
     return out
 
 
@@ -1422,18 +1420,13 @@ class StageTimer:
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
 
+    @contextlib.contextmanager
     def __call__(self, name: str):
-        timer = self
-
-        class _Stage:
-            def __enter__(self):
-                self.start = time.perf_counter()
-                LOG.info("── %s ...", name)
-
-            def __exit__(self, *exc):
-                timer.seconds[name] = round(time.perf_counter() - self.start, 2)
-                LOG.info("── %s done in %.1f s", name, timer.seconds[name])
-        return _Stage()
+        LOG.info("── %s ...", name)
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = round(time.perf_counter() - start, 2)
+        LOG.info("── %s done in %.1f s", name, self.seconds[name])
 
 
 def train_all(train: pl.DataFrame, settings: Settings, model_dir: Path, timer: StageTimer,
@@ -1468,14 +1461,24 @@ def train_all(train: pl.DataFrame, settings: Settings, model_dir: Path, timer: S
     demographic_defaults["handedness"] = 1.0                 # unknown subject: assume the common right hand
     write_artifact_manifest(model_dir, settings, results, demographic_defaults,
                             {"synthetic_data": synthetic, "n_sequences": sequences.height})
-    LOG.info("Summary (out-of-fold; imu = all sequences, full = sequences with thm/tof)%s",
-             " -- SYNTHETIC DATA, not competition scores" if synthetic else "")
-    widths = (8, 6, 9, 9, 8, 9, 10, 9)
-    LOG.info(log_table_row(("family", "route", "n_scored", "oof", "BinF1", "MacroF1", "best_iter", "secs"), widths))
-    for row in summary_rows:
-        LOG.info(log_table_row((row["family"], row["route"], row["n_scored"], row["oof_score"], row["binary_f1"],
-                                row["macro_f1"], f"{row['mean_best_iteration']:.1f}", f"{row['train_seconds']:.1f}"), widths))
     return {"summary": summary_rows, "folds": fold_rows}
+
+
+def log_run_summary(result: dict[str, Any]) -> None:
+    """The table a run ends with: out-of-fold scores per family and route, then the stage times."""
+    synthetic = " -- SYNTHETIC DATA, not competition scores" if result.get("synthetic") else ""
+    if result.get("summary"):
+        LOG.info("Summary (out-of-fold; route imu = all sequences, full = sequences with thm/tof)%s", synthetic)
+        widths = (8, 6, 9, 9, 8, 9, 10, 9)
+        LOG.info(log_table_row(("family", "route", "n_scored", "oof", "BinF1", "MacroF1", "best_iter", "secs"), widths))
+        for row in result["summary"]:
+            LOG.info(log_table_row((row["family"], row["route"], row["n_scored"], row["oof_score"], row["binary_f1"],
+                                    row["macro_f1"], f"{row['mean_best_iteration']:.1f}",
+                                    f"{row['train_seconds']:.1f}"), widths))
+    for route, s in result.get("inference", {}).get("synthetic_test", {}).items():
+        LOG.info("Synthetic hold-out test, %-11s %4d sequences: score %.4f (BinF1 %.4f, MacroF1 %.4f)%s",
+                 route, s["n"], s["score"], s["binary_f1"], s["macro_f1"], synthetic)
+    LOG.info("Done in %.1f s. Stages: %s", result["total_seconds"], result["stage_seconds"])
 
 
 def check_artifacts(model_dir: Path, mirror_left_handed: bool) -> None:
@@ -1580,9 +1583,9 @@ def run(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     result["stage_seconds"] = timer.seconds
     result["total_seconds"] = round(time.perf_counter() - started, 1)
     _atomic_write_text(output_dir / "run_summary.json", json.dumps(result, indent=2, default=str))
+    log_run_summary(result)
     if synthetic:
         LOG.warning(SYNTHETIC_WARNING)
-    LOG.info("Done in %.1f s. Stages: %s", result["total_seconds"], timer.seconds)
     return result
 
 

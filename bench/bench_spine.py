@@ -3,6 +3,7 @@
     python bench/bench_spine.py                 # everything: load, features, LightGBM 5 folds x 2, predict()
     python bench/bench_spine.py --skip-e2e      # without the default end-to-end run
     python bench/bench_spine.py --predict-n 500 # more predict() calls for the latency percentiles
+    python bench/bench_spine.py --mirror-ablation  # also LightGBM without mirroring left-handed subjects
 
 The synthetic set is generated once into bench/.cache/ (reused while its manifest matches). Prints a
 Markdown table for the README; the machine is printed with it. Figures are wall-clock seconds on a
@@ -38,6 +39,8 @@ def main() -> None:
     parser.add_argument("--cache", default=str(ROOT / "bench" / ".cache"))
     parser.add_argument("--predict-n", type=int, default=300, help="predict() calls for p50/p95")
     parser.add_argument("--skip-e2e", action="store_true", help="skip the default `python train_infer.py` run")
+    parser.add_argument("--mirror-ablation", action="store_true",
+                        help="also cross-validate LightGBM without mirroring left-handed subjects (DATA.md: measure it)")
     args = parser.parse_args()
     ti.setup_logging(None)
     rows: list[tuple[str, str, str]] = []
@@ -72,6 +75,15 @@ def main() -> None:
                      f"{np.mean(per_fold):.1f} s", f"{min(per_fold):.1f}-{max(per_fold):.1f} s; OOF score "
                      f"{result.overall.score:.4f} (BinF1 {result.overall.binary_f1:.4f}, "
                      f"MacroF1 {result.overall.macro_f1:.4f})"))
+    if args.mirror_ablation:
+        unmirrored = ti.build_feature_table(train, mirror_left_handed=False)
+        for variant, mirrored in zip(ti.VARIANTS, results):
+            result = ti.train_lgbm(unmirrored, sequences, folds, variant, settings.lgbm, settings.cfg.SEED,
+                                   Path(tempfile.mkdtemp(prefix="bench_unmirrored_")))
+            rows.append((f"LightGBM {variant} without mirroring left-handed subjects", "",
+                         f"OOF score {result.overall.score:.4f} vs {mirrored.overall.score:.4f} mirrored "
+                         f"({mirrored.overall.score - result.overall.score:+.4f} from mirroring)"))
+        del unmirrored
     ti.write_artifact_manifest(model_dir, settings, results, {c: 1.0 if c == "handedness" else 0.0
                                                              for c in ti.DEMOGRAPHIC_FEATURES}, {})
     del train, features

@@ -1,5 +1,4 @@
 """Synthetic data in the exact competition format; loading errors that name the problem."""
-import re
 import shutil
 
 import numpy as np

@@ -2,7 +2,6 @@
 import re
 from pathlib import Path
 
-import train_infer as ti
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
