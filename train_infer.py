@@ -1169,7 +1169,7 @@ class GesturePredictor:
         # predict() builds one row in this order (aggregates, then demographics); a family picks its columns.
         self.feature_position = {c: i for i, c in enumerate(aggregate_names() + DEMOGRAPHIC_FEATURES)}
         # {variant: [(family, column positions, [model per fold])]}: a family that fails to load is skipped.
-        self.models: dict[str, list[tuple[str, list[str], list[Any]]]] = {v: [] for v in VARIANTS}
+        self.models: dict[str, list[tuple[str, np.ndarray, list[Any]]]] = {v: [] for v in VARIANTS}
         for family, variants in self.manifest.get("families", {}).items():
             for variant, spec in variants.items():
                 try:
