@@ -804,6 +804,33 @@ def frame_features_from_raw(raw: np.ndarray, starts: np.ndarray, left_handed: np
     return pl.DataFrame({name: values[:, i] for i, name in enumerate(FRAME_FEATURES)}, nan_to_null=True)
 
 
+TOF_CHUNK_ROWS = 32_768
+
+
+def _tof_frame_stats(tof_raw: np.ndarray) -> np.ndarray:
+    """(frames x 320) ToF readings -> (frames x 5 sensors x TOF_STATS).
+
+    -1 means "no reflection": not a distance, so it is missing here, never averaged. A null sensor gives
+    NaN everywhere (unknown), while a sensor that sees nothing gives valid = 0 and NaN distances.
+    """
+    grid = tof_raw.reshape(len(tof_raw), 5, 64).astype(np.float32)
+    valid = np.isfinite(grid) & (grid >= 0)
+    count = valid.sum(axis=2)
+    sensor_on = np.isfinite(grid).any(axis=2)
+    rows, cols = np.divmod(np.arange(64, dtype=np.float32), 8)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(count > 0, np.where(valid, grid, 0).sum(axis=2) / count, np.nan)
+        var = (np.where(valid, grid - mean[..., None], 0) ** 2).sum(axis=2) / count
+        near = np.where(valid, 255 - grid, 0)                # closer pixels weigh more in the centroid
+        weight = near.sum(axis=2)
+        cx = np.where(weight > 0, (near * (cols - 3.5)).sum(axis=2) / weight, np.nan)
+        cy = np.where(weight > 0, (near * (rows - 3.5)).sum(axis=2) / weight, np.nan)
+    by_stat = {"mean": mean, "min": np.where(count > 0, np.where(valid, grid, np.inf).min(axis=2), np.nan),
+               "std": np.where(count > 0, np.sqrt(var), np.nan), "valid": np.where(sensor_on, count / 64, np.nan),
+               "cx": cx, "cy": cy}
+    return np.stack([by_stat[stat] for stat in TOF_STATS], axis=2)
+
+
 def frame_feature_matrix(raw: np.ndarray, starts: np.ndarray, left_handed: np.ndarray | None) -> np.ndarray:
     """The numeric core of build_frame_features: (frames x 332 raw) -> (frames x FRAME_FEATURES), NaN = missing.
 
@@ -852,25 +879,14 @@ def frame_feature_matrix(raw: np.ndarray, starts: np.ndarray, left_handed: np.nd
     thm_lo = np.where(np.isfinite(thm), thm, np.inf).min(axis=1)
     feats["thm_spread"] = np.where(thm_count > 0, thm_hi - thm_lo, np.nan)
 
-    # ToF: -1 means "no reflection", not a distance, so it is missing here, like a null sensor.
-    grid = raw[:, 12:].astype(np.float64).reshape(n, 5, 64)
-    valid = np.isfinite(grid) & (grid >= 0)
-    count = valid.sum(axis=2)
-    sensor_on = np.isfinite(grid).any(axis=2)                # a null sensor is NaN, not "nothing seen"
-    rows, cols = np.divmod(np.arange(64), 8)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean = np.where(count > 0, np.where(valid, grid, 0.0).sum(axis=2) / count, np.nan)
-        var = (np.where(valid, grid - mean[..., None], 0.0) ** 2).sum(axis=2) / count
-        near = np.where(valid, 255.0 - grid, 0.0)            # closer pixels weigh more in the centroid
-        weight = near.sum(axis=2)
-        cx = np.where(weight > 0, (near * (cols - 3.5)).sum(axis=2) / weight, np.nan)
-        cy = np.where(weight > 0, (near * (rows - 3.5)).sum(axis=2) / weight, np.nan)
-    tof_min = np.where(count > 0, np.where(valid, grid, np.inf).min(axis=2), np.nan)
-    tof_stats = {"mean": mean, "min": tof_min, "std": np.where(count > 0, np.sqrt(var), np.nan),
-                 "valid": np.where(sensor_on, count / 64.0, np.nan), "cx": cx, "cy": cy}
+    # ToF per sensor, in row chunks: every statistic is per frame, and chunks keep the temporaries of a
+    # 575k-row table in cache-sized pieces instead of several GB at once.
+    tof = np.empty((n, 5, len(TOF_STATS)), dtype=np.float32)
+    for lo in range(0, n, TOF_CHUNK_ROWS):
+        tof[lo:lo + TOF_CHUNK_ROWS] = _tof_frame_stats(raw[lo:lo + TOF_CHUNK_ROWS, 12:])
     for k in range(5):
-        for stat in TOF_STATS:
-            feats[f"tof{k + 1}_{stat}"] = tof_stats[stat][:, k]
+        for j, stat in enumerate(TOF_STATS):
+            feats[f"tof{k + 1}_{stat}"] = tof[:, k, j]
 
     return np.stack([feats[name] for name in FRAME_FEATURES], axis=1).astype(np.float32)
 
@@ -933,7 +949,7 @@ def _source_fingerprint(*objects: Any) -> str:
 def feature_version(mirror_left_handed: bool) -> str:
     """Hash of the feature code, the column lists and the settings that change features."""
     text = _source_fingerprint(sensor_matrix, _mirror_raw_inplace, build_frame_features, frame_feature_matrix,
-                               frame_features_from_raw,
+                               frame_features_from_raw, _tof_frame_stats,
                                aggregate_expressions,
                                quat_rotate, quat_to_rotvec, quat_mul)
     text += json.dumps([FRAME_FEATURES, aggregate_names(), GESTURE_TAIL, DEMOGRAPHIC_FEATURES, mirror_left_handed])

@@ -54,13 +54,15 @@ def main() -> None:
     rows.append(("load train.csv + demographics (polars)", f"{seconds:.1f} s",
                  f"{train.height:,} rows x {len(ti.TRAIN_COLUMNS)} columns"))
     sequences = ti.sequence_table(train)
-    frames, t_frames = timed(ti.build_frame_features, train, True)
-    rows.append(("frame features, whole table", f"{t_frames:.1f} s", f"{frames.width - 1} features per frame"))
-    aggregates, t_agg = timed(ti.aggregate_features, frames)
-    rows.append(("aggregate features (polars group_by)", f"{t_agg:.1f} s", f"{aggregates.width - 1} per sequence"))
+    # The combined stage first, cold, as a training run calls it; then its two parts, warm.
     features, t_table = timed(ti.build_feature_table, train, True)
-    rows.append(("**frame + aggregate + demographics** (target < 20 s)", f"**{t_table:.1f} s**",
-                 f"{features.height:,} sequences"))
+    rows.append(("**frame + aggregate + demographics, as in a run** (target < 20 s)", f"**{t_table:.1f} s**",
+                 f"{features.height:,} sequences x {features.width - 1} features"))
+    frames, t_frames = timed(ti.build_frame_features, train, True)
+    rows.append(("of which frame features, whole table", f"{t_frames:.1f} s", f"{frames.width - 1} features per frame"))
+    aggregates, t_agg = timed(ti.aggregate_features, frames)
+    rows.append(("of which aggregate features (polars group_by)", f"{t_agg:.1f} s",
+                 f"{aggregates.width - 1} per sequence"))
     del frames, aggregates
 
     settings = ti.Settings.from_env()
