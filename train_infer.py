@@ -33,6 +33,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -946,13 +948,18 @@ def _source_fingerprint(*objects: Any) -> str:
     return "\n".join(parts)
 
 
-def feature_version(mirror_left_handed: bool) -> str:
-    """Hash of the feature code, the column lists and the settings that change features."""
+def frame_feature_version(mirror_left_handed: bool) -> str:
+    """Hash of the frame-feature code, its column list and the settings that change frames."""
     text = _source_fingerprint(sensor_matrix, _mirror_raw_inplace, build_frame_features, frame_feature_matrix,
-                               frame_features_from_raw, _tof_frame_stats,
-                               aggregate_expressions,
-                               quat_rotate, quat_to_rotvec, quat_mul)
-    text += json.dumps([FRAME_FEATURES, aggregate_names(), GESTURE_TAIL, DEMOGRAPHIC_FEATURES, mirror_left_handed])
+                               frame_features_from_raw, _tof_frame_stats, quat_rotate, quat_to_rotvec, quat_mul)
+    text += json.dumps([FRAME_FEATURES, mirror_left_handed])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def feature_version(mirror_left_handed: bool) -> str:
+    """Hash of everything LightGBM's inputs depend on: frame features, then the aggregates."""
+    text = frame_feature_version(mirror_left_handed) + _source_fingerprint(aggregate_expressions)
+    text += json.dumps([aggregate_names(), GESTURE_TAIL, DEMOGRAPHIC_FEATURES])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -963,6 +970,275 @@ def build_feature_table(train: pl.DataFrame, mirror_left_handed: bool) -> pl.Dat
     demographics = train.group_by("sequence_id", maintain_order=True).agg(
         [pl.col(c).first().cast(pl.Float32) for c in DEMOGRAPHIC_FEATURES])
     return aggregates.join(demographics, on="sequence_id", how="left", maintain_order="left")
+
+
+# ╔══════════════════════════════════════════════════════════════════════════════════════════════╗
+# ║ Frame-feature store (Parquet, one file per sequence) and LRU cache, for the deep models     ║
+# ╚══════════════════════════════════════════════════════════════════════════════════════════════╝
+# The deep models read every training sequence's frames in every fold; computing them again each time
+# was the largest waste in the design notes (1-2, 4). The store computes each sequence once, vectorised
+# over the whole table, and keeps it across runs; the LRU cache keeps recently used sequences in memory
+# as float32 arrays (what a model consumes, inf/NaN already 0), so a fold's lookups cost microseconds.
+
+FRAME_STORE_MANIFEST = "_manifest.json"
+
+
+class FrameFeatureStore:
+    """A folder of ``<sequence_id>.parquet`` frame tables plus a manifest naming the feature version.
+
+    Files are written to a temporary name and renamed, so a reader never sees a partial file; a file
+    that fails to read is logged, recomputed and rewritten; a store whose manifest names another
+    feature version is emptied and rebuilt, never served.
+    """
+
+    def __init__(self, folder: Path, mirror_left_handed: bool = True) -> None:
+        self.folder = Path(folder)
+        self.mirror = mirror_left_handed
+        self.version = frame_feature_version(mirror_left_handed)
+
+    def path(self, sequence_id: str) -> Path:
+        return self.folder / f"{sequence_id}.parquet"
+
+    def _manifest(self) -> dict[str, Any]:
+        return {"feature_version": self.version, "columns": FRAME_FEATURES, "mirror_left_handed": self.mirror}
+
+    def open(self) -> None:
+        """Create the folder, or empty it (saying why) when its files were built by other feature code."""
+        manifest_path = self.folder / FRAME_STORE_MANIFEST
+        if manifest_path.is_file():
+            try:
+                found = json.loads(manifest_path.read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError) as exc:
+                found = {"feature_version": f"unreadable manifest ({exc})"}
+            if found == self._manifest():
+                return
+            LOG.warning("Frame store %s holds feature version %s, this script computes %s: rebuilding it",
+                        self.folder, found.get("feature_version"), self.version)
+            self.clear()
+        elif self.folder.is_dir() and any(self.folder.glob("*.parquet")):
+            LOG.warning("Frame store %s has files but no manifest: rebuilding it", self.folder)
+            self.clear()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        _atomic_write_text(manifest_path, json.dumps(self._manifest(), indent=2))
+
+    def clear(self) -> None:
+        for path in list(self.folder.glob("*.parquet")) + list(self.folder.glob(".*.tmp")):
+            path.unlink(missing_ok=True)
+        (self.folder / FRAME_STORE_MANIFEST).unlink(missing_ok=True)
+
+    def write(self, sequence_id: str, frames: pl.DataFrame) -> None:
+        frames = frames.select(FRAME_FEATURES)
+        # lz4 and no statistics: these files are read whole, fast, and never filtered.
+        _atomic_write(self.path(sequence_id),
+                      lambda tmp: frames.write_parquet(tmp, compression="lz4", statistics=False))
+
+    def read(self, sequence_id: str) -> np.ndarray | None:
+        """The sequence's frames as float32 (inf/NaN -> 0, notes 4-3), or None if there is no file.
+
+        Raises on a file that exists but cannot be read or has other columns: the caller recomputes it.
+        """
+        path = self.path(sequence_id)
+        if not path.is_file():
+            return None
+        table = pl.read_parquet(path)
+        if table.columns != FRAME_FEATURES:
+            raise ValueError(f"{path} has columns {table.columns[:3]}..., expected the {len(FRAME_FEATURES)} "
+                             "frame features")
+        return clean_frame_array(table.to_numpy())
+
+    def is_valid(self, sequence_id: str, n_frames: int) -> bool:
+        """Cheap check from the Parquet footer: readable, the right columns and row count."""
+        import pyarrow.parquet as pq
+        try:
+            meta = pq.read_metadata(self.path(sequence_id))
+        except (OSError, ValueError, Exception):   # pyarrow raises ArrowInvalid (a ValueError) on corrupt files
+            return False
+        return meta.num_rows == n_frames and meta.schema.names == FRAME_FEATURES
+
+
+def clean_frame_array(values: np.ndarray) -> np.ndarray:
+    """float32 with inf/NaN replaced by 0: what a network consumes (notes 4-3)."""
+    values = np.array(values, dtype=np.float32)            # a copy: to_numpy() may hand out a read-only view
+    return np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0, copy=False)
+
+
+def _write_store_files(store: FrameFeatureStore, items: list[tuple[str, pl.DataFrame]]) -> None:
+    for sequence_id, frames in items:
+        store.write(sequence_id, frames)
+
+
+def build_frame_feature_store(train: pl.DataFrame, store: FrameFeatureStore, workers: int = 2) -> dict[str, Any]:
+    """Compute and write frames for every sequence whose file is missing or invalid; skip the rest.
+
+    Frames are computed for the whole missing part of the table at once (vectorised); the Parquet
+    writes, which release the GIL, run on ``workers`` threads.
+    """
+    started = time.perf_counter()
+    store.open()
+    lengths = train.group_by("sequence_id", maintain_order=True).len()
+    with ThreadPoolExecutor(max(workers, 1)) as pool:         # footer reads release the GIL
+        valid = list(pool.map(lambda row: store.is_valid(*row), lengths.iter_rows()))
+    todo = [sid for (sid, _), ok in zip(lengths.iter_rows(), valid) if not ok]
+    stats = {"sequences": lengths.height, "written": len(todo), "skipped": lengths.height - len(todo)}
+    if todo:
+        LOG.info("Frame store %s: computing %d of %d sequences (%d already valid)", store.folder, len(todo),
+                 lengths.height, stats["skipped"])
+        part = train if len(todo) == lengths.height else train.filter(pl.col("sequence_id").is_in(todo))
+        frames = build_frame_features(part, store.mirror)
+        items = [(key[0], table) for key, table in frames.partition_by("sequence_id", as_dict=True,
+                                                                        maintain_order=True).items()]
+        chunks = [items[i::max(workers, 1)] for i in range(max(workers, 1))]
+        with ThreadPoolExecutor(max(workers, 1)) as pool:
+            for future in [pool.submit(_write_store_files, store, chunk) for chunk in chunks]:
+                future.result()                                  # re-raise any write error here
+    stats["seconds"] = round(time.perf_counter() - started, 2)
+    LOG.info("Frame store %s: %d written, %d valid and skipped, %.1f s", store.folder, stats["written"],
+             stats["skipped"], stats["seconds"])
+    return stats
+
+
+class FrameFeatureCache:
+    """LRU of per-sequence frame arrays, bounded by item count AND bytes; keyed by sequence id.
+
+    A miss reads the store; a sequence the store lacks (or whose file is broken) is computed from its
+    raw rows (``raw_source(sequence_id)``), written back to the store, and cached. Counters tell memory
+    hits, store reads and computations apart; ``take_counts()`` returns and resets them, so the training
+    log can print a hit rate per fold or epoch.
+
+    DataLoader workers are separate processes: each would get its own copy of this cache, fill it
+    again, and report its counts to nobody. The deep-model data path therefore never looks sequences up
+    inside workers: it materialises a fold's padded arrays here, in the main process
+    (``padded_frames``), and workers (if any) only slice those arrays.
+    """
+
+    def __init__(self, store: FrameFeatureStore | None, max_items: int, max_bytes: int,
+                 raw_source: Callable[[str], pl.DataFrame] | None = None) -> None:
+        self.store = store
+        self.max_items, self.max_bytes = max_items, max_bytes
+        self.raw_source = raw_source
+        self._items: OrderedDict[str, np.ndarray] = OrderedDict()
+        self.bytes = 0
+        self.counts = {"hits": 0, "store_reads": 0, "computed": 0, "evicted": 0}
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __contains__(self, sequence_id: str) -> bool:
+        return sequence_id in self._items
+
+    def get(self, sequence_id: str) -> np.ndarray:
+        values = self._items.get(sequence_id)
+        if values is not None:
+            self._items.move_to_end(sequence_id)
+            self.counts["hits"] += 1
+            return values
+        values = None
+        if self.store is not None:
+            try:
+                values = self.store.read(sequence_id)
+            except Exception as exc:                       # broken file: say so, then recompute and rewrite it
+                LOG.warning("Frame store file %s is unreadable (%s: %s): recomputing it",
+                            self.store.path(sequence_id), type(exc).__name__, exc)
+            if values is not None:
+                self.counts["store_reads"] += 1
+        if values is None:
+            values = self._compute(sequence_id)
+        self._put(sequence_id, values)
+        return values
+
+    def preload(self, sequence_ids: Sequence[str], workers: int = 2) -> None:
+        """Fill the cache from the store with ``workers`` reader threads (Parquet reads release the GIL);
+        sequences the store lacks are left to get(), which computes them."""
+        if self.store is None:
+            return
+        wanted = [sid for sid in sequence_ids if sid not in self._items][: self.max_items]
+
+        def read(sequence_id: str) -> tuple[str, np.ndarray | None]:
+            try:
+                return sequence_id, self.store.read(sequence_id)
+            except Exception:                              # get() logs, recomputes and rewrites it
+                return sequence_id, None
+
+        with ThreadPoolExecutor(max(workers, 1)) as pool:
+            for sequence_id, values in pool.map(read, wanted):
+                if values is None:
+                    self.get(sequence_id)
+                else:
+                    self.counts["store_reads"] += 1
+                    self._put(sequence_id, values)
+
+    def _compute(self, sequence_id: str) -> np.ndarray:
+        if self.raw_source is None:
+            raise KeyError(f"{sequence_id}: not in the frame store and no raw data to compute it from")
+        mirror = self.store.mirror if self.store is not None else True
+        frames = build_frame_features(self.raw_source(sequence_id), mirror)
+        if self.store is not None:
+            self.store.write(sequence_id, frames)
+        self.counts["computed"] += 1
+        return clean_frame_array(frames.select(FRAME_FEATURES).to_numpy())
+
+    def _put(self, sequence_id: str, values: np.ndarray) -> None:
+        if values.nbytes > self.max_bytes:                 # larger than the whole budget: serve, don't keep
+            return
+        self._items[sequence_id] = values
+        self.bytes += values.nbytes
+        while len(self._items) > self.max_items or self.bytes > self.max_bytes:
+            _, old = self._items.popitem(last=False)
+            self.bytes -= old.nbytes
+            self.counts["evicted"] += 1
+
+    def take_counts(self) -> dict[str, Any]:
+        """Counters since the last call, with the memory hit rate; then reset them."""
+        counts = dict(self.counts)
+        lookups = counts["hits"] + counts["store_reads"] + counts["computed"]
+        counts["hit_rate"] = counts["hits"] / lookups if lookups else 0.0
+        self.counts = {k: 0 for k in self.counts}
+        return counts
+
+    def warn_if_too_small(self, n_sequences: int, mean_bytes: float) -> bool:
+        """Log (and return True) when the data set cannot fit: expect store reads instead of hits."""
+        fits_items = n_sequences <= self.max_items
+        fits_bytes = n_sequences * mean_bytes <= self.max_bytes
+        if not (fits_items and fits_bytes):
+            LOG.warning("Frame cache holds at most %d sequences / %.0f MB, the data has %d sequences (~%.0f MB): "
+                        "later epochs will read the store instead of hitting memory; raise FRAME_CACHE_MAX_ITEMS "
+                        "/ FRAME_CACHE_MAX_MB if memory allows", self.max_items, self.max_bytes / 2**20,
+                        n_sequences, n_sequences * mean_bytes / 2**20)
+        return not (fits_items and fits_bytes)
+
+
+def pad_last_frames(values: np.ndarray, pad_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """(frames x F) -> (pad_len x F, mask): a longer sequence keeps its LAST frames (the gesture is at
+    the end); a shorter one is zero-padded after its frames. mask is 1 on real frames."""
+    out = np.zeros((pad_len, values.shape[1]), dtype=np.float32)
+    mask = np.zeros(pad_len, dtype=np.float32)
+    kept = values[-pad_len:]
+    out[: len(kept)] = kept
+    mask[: len(kept)] = 1.0
+    return out, mask
+
+
+def load_padded_frames(cache: FrameFeatureCache, sequence_ids: Sequence[str], pad_len: int, label: str
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """padded_frames(), then one log line with the cache's counts for this fold/epoch (``label``)."""
+    started = time.perf_counter()
+    x, mask = padded_frames(cache, sequence_ids, pad_len)
+    counts = cache.take_counts()
+    LOG.info("%s: %d sequences through the frame cache in %.2f s | hit rate %.1f%% (%d hits, %d store reads, "
+             "%d computed, %d evicted)", label, len(sequence_ids), time.perf_counter() - started,
+             100 * counts["hit_rate"], counts["hits"], counts["store_reads"], counts["computed"], counts["evicted"])
+    return x, mask
+
+
+def padded_frames(cache: FrameFeatureCache, sequence_ids: Sequence[str], pad_len: int
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """The deep models' input for a list of sequences: (N x pad_len x F) float32 and (N x pad_len) mask,
+    every sequence fetched once through the cache (in the main process; see FrameFeatureCache)."""
+    x = np.zeros((len(sequence_ids), pad_len, len(FRAME_FEATURES)), dtype=np.float32)
+    mask = np.zeros((len(sequence_ids), pad_len), dtype=np.float32)
+    for i, sequence_id in enumerate(sequence_ids):
+        x[i], mask[i] = pad_last_frames(cache.get(sequence_id), pad_len)
+    return x, mask
 
 
 # ╔══════════════════════════════════════════════════════════════════════════════════════════════╗
@@ -1454,6 +1730,10 @@ def train_all(train: pl.DataFrame, settings: Settings, model_dir: Path, timer: S
         folds = make_folds(sequences, cfg.N_FOLDS, cfg.SEED)
         LOG.info("%d sequences, %d subjects, %d with thm/tof, %d folds grouped by subject",
                  sequences.height, sequences["subject"].n_unique(), int(sequences["has_thm_tof"].sum()), cfg.N_FOLDS)
+    if cfg.RUN_TORCH_TRAINING or cfg.RUN_KERAS_TRAINING:
+        with timer("frame feature store"):                 # notes 4-4: once, right after the data loads
+            build_frame_feature_store(train, FrameFeatureStore(settings.dl.FRAME_FEATURE_DIR, cfg.MIRROR_LEFT_HANDED),
+                                      workers=max(2, min(4, os.cpu_count() or 1)))
     with timer("frame + aggregate features"):
         features = build_feature_table(train, cfg.MIRROR_LEFT_HANDED)
     results: list[FamilyResult] = []
