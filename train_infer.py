@@ -175,7 +175,7 @@ class Config:
     RUN_INFERENCE: bool = field(default_factory=lambda: env_bool("RUN_INFERENCE", True))            # answer test.csv after training
 
     def __post_init__(self) -> None:
-        for flag, issue in (("RUN_TORCH_TRAINING", "[3/5]"), ("RUN_KERAS_TRAINING", "[4/5]")):
+        for flag, issue in (("RUN_KERAS_TRAINING", "[4/5]"),):
             if getattr(self, flag):
                 raise ConfigError(f"{flag}=1: that model family is not in this version of the script yet "
                                   f"(issue {issue}); unset it")
@@ -218,8 +218,11 @@ class DLConfig:
     OUTPUT_PATH: str = field(default_factory=lambda: env_str("CMI_OUTPUT_DIR", _default_output_dir()))
     PAD_LEN_PERCENTILE: int = field(default_factory=lambda: env_int("DL_PAD_LEN_PERCENTILE", 95, minimum=1))  # used only without FIXED_PAD_LEN
     FIXED_PAD_LEN: int | None = field(default_factory=lambda: env_int("DL_FIXED_PAD_LEN", 90, minimum=0) or None)  # 0 = use the percentile
-    BATCH_SIZE: int = field(default_factory=lambda: env_int("DL_BATCH_SIZE", 512, minimum=1))         # effective batch (micro-batch x accumulation)
-    ACCUM_STEPS: int = field(default_factory=lambda: env_int("DL_ACCUM_STEPS", 1, minimum=1))
+    BATCH_SIZE: int = field(default_factory=lambda: env_int("DL_BATCH_SIZE", 512, minimum=1))         # micro-batch; effective = BATCH_SIZE x ACCUM_STEPS
+    ACCUM_STEPS: int = field(default_factory=lambda: env_int("DL_ACCUM_STEPS", 1, minimum=1))         # gradient accumulation (notes 2-3)
+    POOLS: int = field(default_factory=lambda: env_int("DL_POOLS", 3, minimum=1))                     # conv blocks, each halving time (notes 2-1: 2 -> 3)
+    HIDDEN: int = field(default_factory=lambda: env_int("DL_HIDDEN", 128, minimum=8))                 # GRU units per direction
+    DROPOUT: float = field(default_factory=lambda: env_float("DL_DROPOUT", 0.3, minimum=0.0))
     NUM_WORKERS: int = field(default_factory=lambda: env_int("DL_NUM_WORKERS", 2, minimum=0))         # DataLoader workers (notes 1-3: 0 -> 2)
     EPOCHS: int = field(default_factory=lambda: env_int("DL_EPOCHS", 40, minimum=1))
     LEARNING_RATE: float = field(default_factory=lambda: env_float("DL_LR", 2e-3, minimum=1e-8))
@@ -800,9 +803,12 @@ def build_frame_features(frame: pl.DataFrame, mirror_left_handed: bool = True) -
 
 
 def frame_features_from_raw(raw: np.ndarray, starts: np.ndarray, left_handed: np.ndarray | None) -> pl.DataFrame:
-    """Raw sensor matrix -> frame-feature table; predict() enters here with the matrix it already has."""
-    values = frame_feature_matrix(raw, starts, left_handed)
-    # NaN -> null, so that aggregates skip frames where a value does not exist (no reflection, no sensor).
+    """Raw sensor matrix -> frame-feature table."""
+    return frame_table(frame_feature_matrix(raw, starts, left_handed))
+
+
+def frame_table(values: np.ndarray) -> pl.DataFrame:
+    """Frame-feature matrix -> table; NaN -> null, so aggregates skip frames where a value does not exist."""
     return pl.DataFrame({name: values[:, i] for i, name in enumerate(FRAME_FEATURES)}, nan_to_null=True)
 
 
@@ -951,7 +957,7 @@ def _source_fingerprint(*objects: Any) -> str:
 def frame_feature_version(mirror_left_handed: bool) -> str:
     """Hash of the frame-feature code, its column list and the settings that change frames."""
     text = _source_fingerprint(sensor_matrix, _mirror_raw_inplace, build_frame_features, frame_feature_matrix,
-                               frame_features_from_raw, _tof_frame_stats, quat_rotate, quat_to_rotvec, quat_mul)
+                               frame_features_from_raw, frame_table, _tof_frame_stats, quat_rotate, quat_to_rotvec, quat_mul)
     text += json.dumps([FRAME_FEATURES, mirror_left_handed])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -1369,6 +1375,351 @@ def train_lgbm(features: pl.DataFrame, sequences: pl.DataFrame, folds: np.ndarra
 
 
 # ╔══════════════════════════════════════════════════════════════════════════════════════════════╗
+# ║ Torch: TimeSeriesNet on padded frame features, early stopping, accumulation, OOM fallback    ║
+# ╚══════════════════════════════════════════════════════════════════════════════════════════════╝
+
+IMU_FRAME_INDEX = [FRAME_FEATURES.index(name) for name in IMU_FRAME_FEATURES]
+CONV_BLOCKS = ((128, 7), (256, 5), (256, 3), (256, 3))   # (channels, kernel) per pooling stage (notes 2-1)
+MIN_MICRO_BATCH = 64                                     # the OOM fallback's floor (notes 2-3: 512 -> 64)
+ATTENTION_FILL = -65504.0                                # fp16's lowest finite value: safe in fp16, bf16, fp32
+
+
+def frame_feature_index(variant: str) -> list[int]:
+    """Which frame-feature columns a deep model of this variant reads."""
+    if variant == "imu":
+        return IMU_FRAME_INDEX
+    if variant == "full":
+        return list(range(len(FRAME_FEATURES)))
+    raise ValueError(f"unknown variant {variant!r}")
+
+
+@dataclass(frozen=True)
+class TorchRuntime:
+    """Device and precision, decided once: bf16 where the GPU supports it, else fp16 + GradScaler; fp32 on CPU."""
+    device: Any
+    amp_dtype: Any                # torch.bfloat16, torch.float16 or None (fp32)
+
+    @property
+    def use_scaler(self) -> bool:
+        import torch
+        return self.amp_dtype == torch.float16
+
+    def autocast(self):
+        import torch
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype or torch.float32,
+                              enabled=self.amp_dtype is not None)
+
+    def describe(self) -> str:
+        return f"{self.device} / {str(self.amp_dtype).replace('torch.', '') if self.amp_dtype else 'float32'}"
+
+
+def torch_runtime() -> TorchRuntime:
+    import torch
+    if torch.cuda.is_available():
+        device = torch.device("cuda")
+        return TorchRuntime(device, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    return TorchRuntime(torch.device("cpu"), None)
+
+
+def build_time_series_net(in_features: int, n_classes: int = len(GESTURES), pools: int = 3, hidden: int = 128,
+                          dropout: float = 0.3):
+    """The notes' network: conv blocks (Conv1d, BatchNorm, GELU, MaxPool1d(2)), Dropout, a BiGRU, temporal
+    attention over the real (masked) steps, and a classification head."""
+    import torch
+    from torch import nn
+    import torch.nn.functional as F
+
+    if not 1 <= pools <= len(CONV_BLOCKS):
+        raise ConfigError(f"DL_POOLS={pools} must be between 1 and {len(CONV_BLOCKS)}")
+
+    class TimeSeriesNet(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            layers: list[nn.Module] = []
+            channels = in_features
+            for out_channels, kernel in CONV_BLOCKS[:pools]:
+                layers += [nn.Conv1d(channels, out_channels, kernel, padding=kernel // 2),
+                           nn.BatchNorm1d(out_channels), nn.GELU(), nn.MaxPool1d(2)]
+                channels = out_channels
+            self.conv = nn.Sequential(*layers, nn.Dropout(dropout))
+            # Derived from the layers, never typed twice: the mask is pooled exactly as often as the signal.
+            self.pools = [m for m in self.conv if isinstance(m, nn.MaxPool1d)]
+            self.rnn = nn.GRU(channels, hidden, batch_first=True, bidirectional=True)
+            self.attention = nn.Linear(2 * hidden, 1)
+            self.head = nn.Sequential(nn.Linear(4 * hidden, 2 * hidden), nn.GELU(), nn.Dropout(dropout),
+                                      nn.Linear(2 * hidden, n_classes))
+
+        def downsample_mask(self, mask: torch.Tensor) -> torch.Tensor:
+            for pool in self.pools:
+                mask = F.max_pool1d(mask.unsqueeze(1), kernel_size=pool.kernel_size, stride=pool.stride).squeeze(1)
+            return mask
+
+        def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            h = self.conv(x.transpose(1, 2)).transpose(1, 2)         # (B, T', C)
+            m = self.downsample_mask(mask)[:, : h.size(1)]
+            h, _ = self.rnn(h)
+            logits = self.attention(h).squeeze(-1)
+            # where(), not adding a large negative: a fully padded row stays finite (uniform weights).
+            logits = torch.where(m > 0, logits, torch.full_like(logits, ATTENTION_FILL))
+            weights = torch.softmax(logits.float(), dim=1).to(h.dtype)
+            attended = (weights.unsqueeze(-1) * h).sum(dim=1)
+            denom = m.sum(dim=1, keepdim=True).clamp(min=1).to(h.dtype)
+            mean = (h * m.unsqueeze(-1).to(h.dtype)).sum(dim=1) / denom   # a second, masked-mean pooling
+            return self.head(torch.cat([attended, mean], dim=1))
+
+    return TimeSeriesNet()
+
+
+class EarlyStopper:
+    """Stop after ``patience`` epochs without an improvement of more than ``min_delta`` (notes 2-2)."""
+
+    def __init__(self, patience: int = 6, min_delta: float = 1e-4) -> None:
+        self.patience, self.min_delta = patience, min_delta
+        self.best = -float("inf")
+        self.best_epoch = -1
+        self.bad = 0
+        self.epoch = -1
+
+    def step(self, metric: float) -> bool:
+        """Record one epoch's score; True when training should stop."""
+        self.epoch += 1
+        if metric > self.best + self.min_delta:
+            self.best, self.best_epoch, self.bad = metric, self.epoch, 0
+            return False
+        self.bad += 1
+        return self.bad >= self.patience
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    import torch
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
+
+
+def make_loader(dataset, batch_size: int, shuffle: bool, num_workers: int, device, seed: int = 0):
+    """A DataLoader with only the arguments this configuration allows: prefetch_factor and
+    persistent_workers exist only with workers (passing them otherwise raises), pin_memory only with CUDA."""
+    import torch
+    kwargs: dict[str, Any] = {"batch_size": batch_size, "shuffle": shuffle, "num_workers": num_workers,
+                              "pin_memory": getattr(device, "type", str(device)) == "cuda"}
+    if num_workers > 0:
+        kwargs |= {"prefetch_factor": 2, "persistent_workers": True}
+    if shuffle:
+        kwargs["generator"] = torch.Generator().manual_seed(seed)
+    return torch.utils.data.DataLoader(dataset, **kwargs)
+
+
+def accumulate_gradients(model, batches: Iterable[tuple[Any, Any, Any]], group_size: int, runtime: TorchRuntime,
+                         scaler=None, oom_hook: Callable[[int], None] | None = None) -> float:
+    """Forward/backward over the micro-batches of one optimizer step. Each micro-batch's mean loss is
+    weighted by its share of the group, so the summed gradient equals one big batch's (exactly, up to
+    float error, when BatchNorm sees the same statistics). Returns the group's mean loss."""
+    import torch.nn.functional as F
+    total = 0.0
+    for x, mask, y in batches:
+        if oom_hook is not None:
+            oom_hook(len(y))                               # test hook: raise an OOM for a given micro-batch
+        with runtime.autocast():
+            loss = F.cross_entropy(model(x, mask).float(), y) * (len(y) / group_size)
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        total += float(loss.detach())
+    return total
+
+
+def predict_torch_probs(model, x, mask, runtime: TorchRuntime, batch_size: int = 1024) -> np.ndarray:
+    """Class probabilities for padded inputs (numpy or tensors), in eval mode, batch by batch."""
+    import torch
+    model.eval()
+    out = []
+    with torch.inference_mode(), runtime.autocast():
+        for start in range(0, len(x), batch_size):
+            xb = torch.as_tensor(np.asarray(x[start:start + batch_size], dtype=np.float32), device=runtime.device)
+            mb = torch.as_tensor(np.asarray(mask[start:start + batch_size], dtype=np.float32), device=runtime.device)
+            out.append(torch.softmax(model(xb, mb).float(), dim=1).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, len(GESTURES)), dtype=np.float32)
+
+
+def standardize_frames(x: np.ndarray, mask: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """(x - mean) / std on real frames; padded frames stay exactly 0."""
+    return ((x - mean) / std * mask[..., None]).astype(np.float32)
+
+
+def frame_statistics(x: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature mean and std over the real (unpadded) frames of a training fold."""
+    real = x[mask > 0]
+    mean = real.mean(axis=0)
+    std = real.std(axis=0)
+    return mean.astype(np.float32), np.where(std > 1e-6, std, 1.0).astype(np.float32)
+
+
+def train_torch_fold(x_train: np.ndarray, m_train: np.ndarray, y_train: np.ndarray, x_valid: np.ndarray,
+                     m_valid: np.ndarray, y_valid: np.ndarray, score_mask: np.ndarray, dl_cfg: DLConfig,
+                     runtime: TorchRuntime, seed: int, label: str, micro_batch: int, accum_steps: int,
+                     oom_hook: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """One fold at one micro-batch size: AdamW + OneCycleLR (stepped once per optimizer step), gradient
+    accumulation, the validation competition score each epoch, EarlyStopper, best weights kept."""
+    import torch
+    torch.manual_seed(seed)
+    device = runtime.device
+    model = build_time_series_net(x_train.shape[2], pools=dl_cfg.POOLS, hidden=dl_cfg.HIDDEN,
+                                  dropout=dl_cfg.DROPOUT).to(device)
+    x_tr = torch.as_tensor(np.asarray(x_train, dtype=np.float32), device=device)
+    m_tr = torch.as_tensor(np.asarray(m_train, dtype=np.float32), device=device)
+    y_tr = torch.as_tensor(np.asarray(y_train, dtype=np.int64), device=device)
+    effective = micro_batch * accum_steps
+    steps_per_epoch = math.ceil(len(y_train) / effective)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=dl_cfg.LEARNING_RATE, weight_decay=1e-2)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=dl_cfg.LEARNING_RATE, pct_start=0.15,
+                                                    total_steps=dl_cfg.EPOCHS * steps_per_epoch)
+    scaler = torch.amp.GradScaler(device.type) if runtime.use_scaler else None
+    stopper = EarlyStopper(dl_cfg.ES_PATIENCE, dl_cfg.ES_MIN_DELTA)
+    generator = torch.Generator().manual_seed(seed)
+    best: dict[str, Any] = {"score": None}
+    history = []
+    for epoch in range(dl_cfg.EPOCHS):
+        started = time.perf_counter()
+        model.train()
+        order = torch.randperm(len(y_train), generator=generator).to(device)
+        losses = []
+        for start in range(0, len(order), effective):
+            group = order[start:start + effective]
+            if len(group) < 2:                              # BatchNorm cannot train on one sample
+                continue
+            micro = [(x_tr[i], m_tr[i], y_tr[i]) for i in group.split(micro_batch)]
+            losses.append(accumulate_gradients(model, micro, len(group), runtime, scaler, oom_hook))
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+        probs = predict_torch_probs(model, x_valid, m_valid, runtime)
+        score = score_probabilities(y_valid[score_mask], probs[score_mask])
+        if best["score"] is None or score.score > best["score"].score:
+            best = {"score": score, "epoch": epoch + 1, "probs": probs,
+                    "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
+        seconds = time.perf_counter() - started
+        history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)) if losses else float("nan"),
+                        "score": score.score, "seconds": seconds})
+        LOG.info(log_table_row((label, epoch + 1, float(np.mean(losses)) if losses else float("nan"),
+                                score.binary_f1, score.macro_f1, score.score, f"{scheduler.get_last_lr()[0]:.2e}",
+                                f"{seconds:.1f}"), (14, 5, 8, 8, 8, 8, 9, 6)))
+        if stopper.step(score.score):
+            LOG.info("%s: Early stopping at epoch %d (best=%.4f at epoch %d)", label, epoch + 1, stopper.best,
+                     stopper.best_epoch + 1)
+            break
+    return best | {"epochs_run": len(history), "stopped_early": len(history) < dl_cfg.EPOCHS, "history": history,
+                   "micro_batch": micro_batch, "accum_steps": accum_steps}
+
+
+def train_torch_fold_with_fallback(*args: Any, dl_cfg: DLConfig, runtime: TorchRuntime, label: str,
+                                   **kwargs: Any) -> dict[str, Any]:
+    """train_torch_fold, restarted on out-of-memory with half the micro-batch and twice the accumulation
+    (the effective batch, and so the schedule, stay the same), down to MIN_MICRO_BATCH.
+
+    The OOM is caught where it happens, in the training step; the seed's version caught it when the
+    DataLoader was built, which allocates nothing on the GPU and so could never fire (notes 2-3).
+    """
+    import gc
+    import torch
+    micro, accum = dl_cfg.BATCH_SIZE, dl_cfg.ACCUM_STEPS
+    while True:
+        LOG.info("%s: micro-batch %d x %d accumulation step(s) = effective batch %d on %s", label, micro, accum,
+                 micro * accum, runtime.describe())
+        reason = None
+        try:
+            return train_torch_fold(*args, dl_cfg=dl_cfg, runtime=runtime, label=label, micro_batch=micro,
+                                    accum_steps=accum, **kwargs)
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        # Outside the except block the exception and the tensors its traceback holds are released.
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if micro // 2 < MIN_MICRO_BATCH:
+            raise RuntimeError(f"{label}: out of memory at micro-batch {micro} ({reason}); {MIN_MICRO_BATCH} is the "
+                               "smallest the fallback goes to: free GPU memory or lower DL_BATCH_SIZE / DL_POOLS")
+        LOG.warning("%s: out of memory at micro-batch %d (%s): restarting the fold with micro-batch %d x %d "
+                    "accumulation steps (effective batch %d unchanged)", label, micro, reason, micro // 2,
+                    accum * 2, micro * accum)
+        micro, accum = micro // 2, accum * 2
+
+
+def torch_pad_length(sequences_lengths: np.ndarray, dl_cfg: DLConfig) -> int:
+    """FIXED_PAD_LEN (90, notes 1-1), or the PAD_LEN_PERCENTILE of the training lengths when unset."""
+    if dl_cfg.FIXED_PAD_LEN:
+        return int(dl_cfg.FIXED_PAD_LEN)
+    return int(np.ceil(np.percentile(sequences_lengths, dl_cfg.PAD_LEN_PERCENTILE)))
+
+
+def train_torch(cache: FrameFeatureCache, sequences: pl.DataFrame, lengths: np.ndarray, folds: np.ndarray,
+                variant: str, dl_cfg: DLConfig, seed: int, model_dir: Path, runtime: TorchRuntime | None = None,
+                oom_hook: Callable[[int], None] | None = None) -> FamilyResult:
+    """Cross-validate TimeSeriesNet for one variant; frames come through the cache fold by fold (the log
+    shows its hit rate); one .pt per fold holds the best epoch's weights and the input normalisation."""
+    import torch
+    runtime = runtime or torch_runtime()
+    started = time.perf_counter()
+    ids = sequences["sequence_id"].to_list()
+    y = sequences["label"].to_numpy()
+    eval_mask = np.ones(len(y), bool) if variant == "imu" else sequences["has_thm_tof"].to_numpy()
+    columns = frame_feature_index(variant)
+    pad_len = torch_pad_length(lengths, dl_cfg)
+    oof = np.full((len(y), len(GESTURES)), np.nan)
+    fold_metrics, paths = [], []
+    LOG.info("Torch %-4s | %d frame features, pad %d, %d pooling stages, up to %d epochs", variant, len(columns),
+             pad_len, dl_cfg.POOLS, dl_cfg.EPOCHS)
+    LOG.info(log_table_row(("fold/variant", "epoch", "loss", "BinF1", "MacroF1", "score", "lr", "secs"),
+                           (14, 5, 8, 8, 8, 8, 9, 6)))
+    for fold in range(int(folds.max()) + 1):
+        fold_start = time.perf_counter()
+        train_idx, valid_idx = np.where(folds != fold)[0], np.where(folds == fold)[0]
+        label = f"torch {variant} f{fold}"
+        x_tr, m_tr = load_padded_frames(cache, [ids[i] for i in train_idx], pad_len, f"{label} train frames")
+        x_va, m_va = load_padded_frames(cache, [ids[i] for i in valid_idx], pad_len, f"{label} valid frames")
+        x_tr, x_va = x_tr[:, :, columns], x_va[:, :, columns]
+        mean, std = frame_statistics(x_tr, m_tr)
+        x_tr, x_va = standardize_frames(x_tr, m_tr, mean, std), standardize_frames(x_va, m_va, mean, std)
+        result = train_torch_fold_with_fallback(x_tr, m_tr, y[train_idx], x_va, m_va, y[valid_idx],
+                                                eval_mask[valid_idx], dl_cfg=dl_cfg, runtime=runtime, seed=seed + fold,
+                                                label=label, oom_hook=oom_hook)
+        oof[valid_idx] = result["probs"]
+        relative = f"models/torch_{variant}_fold{fold}.pt"
+        checkpoint = {"state_dict": result["state"], "mean": torch.from_numpy(mean), "std": torch.from_numpy(std),
+                      "pad_len": pad_len,
+                      "feature_index": columns, "in_features": len(columns), "pools": dl_cfg.POOLS,
+                      "hidden": dl_cfg.HIDDEN, "dropout": dl_cfg.DROPOUT, "best_epoch": result["epoch"],
+                      "best_score": result["score"].score, "classes": list(GESTURES)}
+        _atomic_write(model_dir / relative, lambda tmp, c=checkpoint: torch.save(c, tmp))
+        paths.append(relative)
+        seconds = time.perf_counter() - fold_start
+        score = result["score"]
+        fold_metrics.append({"family": "torch", "variant": variant, "fold": fold, "n_train": len(train_idx),
+                             "n_valid": int(eval_mask[valid_idx].sum()), "best_iteration": result["epoch"],
+                             "epochs_run": result["epochs_run"], "early_stopped": result["stopped_early"],
+                             "micro_batch": result["micro_batch"],
+                             "effective_batch": result["micro_batch"] * result["accum_steps"],
+                             "binary_f1": score.binary_f1, "macro_f1": score.macro_f1, "score": score.score,
+                             "seconds": round(seconds, 2),
+                             "seconds_per_epoch": round(float(np.mean([h["seconds"] for h in result["history"]])), 3)})
+        LOG.info("%s: best epoch %d of %d (%s), score %.4f (BinF1 %.4f, MacroF1 %.4f), effective batch %d, %.1f s",
+                 label, result["epoch"], result["epochs_run"], "early stop" if result["stopped_early"] else "all epochs",
+                 score.score, score.binary_f1, score.macro_f1, result["micro_batch"] * result["accum_steps"], seconds)
+    overall = score_probabilities(y[eval_mask], oof[eval_mask])
+    oof[~eval_mask] = np.nan
+    LOG.info("Torch %-4s | out-of-fold score %.4f (BinF1 %.4f, MacroF1 %.4f) on %d sequences, %.1f s", variant,
+             overall.score, overall.binary_f1, overall.macro_f1, int(eval_mask.sum()), time.perf_counter() - started)
+    return FamilyResult("torch", variant, paths, [FRAME_FEATURES[i] for i in columns], oof, eval_mask, fold_metrics,
+                        time.perf_counter() - started, overall)
+
+
+# ╔══════════════════════════════════════════════════════════════════════════════════════════════╗
 # ║ Artifacts: everything predict() needs, written atomically, manifest last                     ║
 # ╚══════════════════════════════════════════════════════════════════════════════════════════════╝
 
@@ -1457,30 +1808,25 @@ class GesturePredictor:
                         "models whose feature columns no longer exist are skipped",
                         self.model_dir, self.manifest.get("feature_version"), current)
         self.defaults = {k: float(v) for k, v in self.manifest.get("demographic_defaults", {}).items()}
-        self.known_features = set(feature_columns("full"))
-        # predict() builds one row in this order (aggregates, then demographics); a family picks its columns.
-        self.feature_position = {c: i for i, c in enumerate(aggregate_names() + DEMOGRAPHIC_FEATURES)}
-        # {variant: [(family, column positions, [model per fold])]}: a family that fails to load is skipped.
-        self.models: dict[str, list[tuple[str, np.ndarray, list[Any]]]] = {v: [] for v in VARIANTS}
+        # {variant: [(family, loaded family)]}: a family that fails to load is skipped, with a warning.
+        self.models: dict[str, list[tuple[str, Any]]] = {v: [] for v in VARIANTS}
         for family, variants in self.manifest.get("families", {}).items():
             for variant, spec in variants.items():
                 try:
-                    column_index = np.array([self.feature_position[c] for c in spec["features"]])
-                    self.models[variant].append((family, column_index, self._load_family(family, spec)))
+                    self.models[variant].append((family, self._load_family(family, spec)))
                 except Exception as exc:               # one broken family must not take the others down
                     LOG.warning("Could not load %s/%s from %s: %s", family, variant, self.model_dir, exc)
         if not any(self.models.values()):
             raise RuntimeError(f"no model could be loaded from {self.model_dir}")
         LOG.info("Loaded models from %s: %s", self.model_dir,
-                 {v: [f"{fam} x{len(m)}" for fam, _, m in entries] for v, entries in self.models.items()})
+                 {v: [f"{fam} x{len(m.models)}" for fam, m in entries] for v, entries in self.models.items()})
 
-    def _load_family(self, family: str, spec: dict[str, Any]) -> list[Any]:
-        missing = [c for c in spec["features"] if c not in self.known_features]
-        if missing:
-            raise ValueError(f"{len(missing)} feature column(s) this script no longer computes, e.g. {missing[:3]}")
+    def _load_family(self, family: str, spec: dict[str, Any]) -> Any:
+        paths = [self.model_dir / rel for rel in spec["models"]]
         if family == "lgbm":
-            import lightgbm as lgb
-            return [lgb.Booster(model_file=str(self.model_dir / rel)) for rel in spec["models"]]
+            return LgbmFamily.load(paths, spec["features"])
+        if family == "torch":
+            return TorchFamily.load(paths, spec["features"])
         raise ValueError(f"unknown model family {family!r}")
 
     # -- input hygiene: every oddity becomes a warning and a usable matrix ------------------------
@@ -1557,16 +1903,93 @@ class GesturePredictor:
         starts = np.zeros(raw.shape[0], dtype=bool)
         starts[0] = True
         left = np.full(raw.shape[0], demo["handedness"] == 0) if self.mirror else None
-        aggregates = aggregate_features(frame_features_from_raw(raw, starts, left)).to_numpy()[0]
-        row = np.concatenate([aggregates, [demo[c] for c in DEMOGRAPHIC_FEATURES]]).astype(np.float32)
-        probs, weight = np.zeros(len(GESTURES)), 0.0
-        for _family, column_index, models in self.models[variant]:
-            x = row[column_index][None, :]
-            # num_threads=1: one row; thread start-up would cost more than the trees (measured by bench/).
-            family_probs = np.mean([m.predict(x, num_threads=1)[0] for m in models], axis=0)
-            probs += family_probs
-            weight += 1.0
-        return probs / weight, variant
+        values = frame_feature_matrix(raw, starts, left)        # the same frames training used
+        inputs = SequenceInputs(values, demo)
+        probs = [family.predict(inputs) for _, family in self.models[variant]]
+        # Until the ensemble's weight search ([5/5]): the families' probabilities, averaged.
+        return np.mean(probs, axis=0), variant
+
+
+class SequenceInputs:
+    """One sequence's model inputs, each computed once and only when a family asks: the aggregate row
+    (LightGBM) and the cleaned frame matrix (deep models)."""
+
+    def __init__(self, frame_values: np.ndarray, demographics: dict[str, float]) -> None:
+        self.frame_values, self.demographics = frame_values, demographics
+        self._row: np.ndarray | None = None
+        self._frames: np.ndarray | None = None
+
+    @property
+    def aggregate_row(self) -> np.ndarray:
+        """aggregate_names() then DEMOGRAPHIC_FEATURES, as one float32 row."""
+        if self._row is None:
+            aggregates = aggregate_features(frame_table(self.frame_values)).to_numpy()[0]
+            self._row = np.concatenate([aggregates, [self.demographics[c] for c in DEMOGRAPHIC_FEATURES]]
+                                       ).astype(np.float32)
+        return self._row
+
+    @property
+    def frames(self) -> np.ndarray:
+        if self._frames is None:
+            self._frames = clean_frame_array(self.frame_values)
+        return self._frames
+
+
+AGGREGATE_ROW_POSITION = {c: i for i, c in enumerate(aggregate_names() + DEMOGRAPHIC_FEATURES)}
+
+
+class LgbmFamily:
+    """LightGBM boosters of one variant (one per fold), reading their columns of the aggregate row."""
+
+    def __init__(self, models: list[Any], columns: list[str]) -> None:
+        missing = [c for c in columns if c not in AGGREGATE_ROW_POSITION]
+        if missing:
+            raise ValueError(f"{len(missing)} feature column(s) this script no longer computes, e.g. {missing[:3]}")
+        self.models = models
+        self.column_index = np.array([AGGREGATE_ROW_POSITION[c] for c in columns])
+
+    @classmethod
+    def load(cls, paths: list[Path], columns: list[str]) -> "LgbmFamily":
+        import lightgbm as lgb
+        return cls([lgb.Booster(model_file=str(p)) for p in paths], columns)
+
+    def predict(self, inputs: SequenceInputs) -> np.ndarray:
+        x = inputs.aggregate_row[self.column_index][None, :]
+        # num_threads=1: one row; thread start-up would cost more than the trees (measured by bench/).
+        return np.mean([m.predict(x, num_threads=1)[0] for m in self.models], axis=0)
+
+
+class TorchFamily:
+    """TimeSeriesNet checkpoints of one variant (one per fold), on the CPU, in eval mode."""
+
+    def __init__(self, checkpoints: list[dict[str, Any]], columns: list[str]) -> None:
+        import torch
+        unknown = [c for c in columns if c not in FRAME_FEATURES]
+        if unknown:
+            raise ValueError(f"{len(unknown)} frame feature(s) this script no longer computes, e.g. {unknown[:3]}")
+        self.runtime = TorchRuntime(torch.device("cpu"), None)
+        self.models = []
+        for ck in checkpoints:
+            if ck["feature_index"] != [FRAME_FEATURES.index(c) for c in columns]:
+                raise ValueError("checkpoint feature columns differ from the manifest's")
+            net = build_time_series_net(ck["in_features"], pools=ck["pools"], hidden=ck["hidden"], dropout=ck["dropout"])
+            net.load_state_dict(ck["state_dict"])
+            net.eval()
+            self.models.append((net, ck["feature_index"], ck["mean"].numpy(), ck["std"].numpy(), ck["pad_len"]))
+
+    @classmethod
+    def load(cls, paths: list[Path], columns: list[str]) -> "TorchFamily":
+        import torch
+        # weights_only: a checkpoint holds tensors and plain values, nothing that runs code when unpickled.
+        return cls([torch.load(p, map_location="cpu", weights_only=True) for p in paths], columns)
+
+    def predict(self, inputs: SequenceInputs) -> np.ndarray:
+        probs = []
+        for net, index, mean, std, pad_len in self.models:
+            x, mask = pad_last_frames(inputs.frames[:, index], pad_len)
+            x = standardize_frames(x[None], mask[None], mean, std)
+            probs.append(predict_torch_probs(net, x, mask[None], self.runtime)[0])
+        return np.mean(probs, axis=0)
 
 
 _PREDICTOR_LOCK = threading.Lock()
@@ -1730,10 +2153,17 @@ def train_all(train: pl.DataFrame, settings: Settings, model_dir: Path, timer: S
         folds = make_folds(sequences, cfg.N_FOLDS, cfg.SEED)
         LOG.info("%d sequences, %d subjects, %d with thm/tof, %d folds grouped by subject",
                  sequences.height, sequences["subject"].n_unique(), int(sequences["has_thm_tof"].sum()), cfg.N_FOLDS)
+    cache = None
     if cfg.RUN_TORCH_TRAINING or cfg.RUN_KERAS_TRAINING:
+        store = FrameFeatureStore(settings.dl.FRAME_FEATURE_DIR, cfg.MIRROR_LEFT_HANDED)
         with timer("frame feature store"):                 # notes 4-4: once, right after the data loads
-            build_frame_feature_store(train, FrameFeatureStore(settings.dl.FRAME_FEATURE_DIR, cfg.MIRROR_LEFT_HANDED),
-                                      workers=max(2, min(4, os.cpu_count() or 1)))
+            build_frame_feature_store(train, store, workers=max(2, min(4, os.cpu_count() or 1)))
+        raw_by_id = train.partition_by("sequence_id", as_dict=True)
+        cache = FrameFeatureCache(store, settings.frame_cache.MAX_ITEMS, settings.frame_cache.MAX_BYTES,
+                                  raw_source=lambda sid: raw_by_id[(sid,)])
+        # ~ frames x 58 float32 per sequence: enough to say whether every sequence fits in the cache.
+        cache.warn_if_too_small(sequences.height, train.height / sequences.height * len(FRAME_FEATURES) * 4)
+    lengths = train.group_by("sequence_id", maintain_order=True).len()["len"].to_numpy()
     with timer("frame + aggregate features"):
         features = build_feature_table(train, cfg.MIRROR_LEFT_HANDED)
     results: list[FamilyResult] = []
@@ -1741,6 +2171,12 @@ def train_all(train: pl.DataFrame, settings: Settings, model_dir: Path, timer: S
         for variant in VARIANTS:
             with timer(f"lgbm {variant}"):
                 results.append(train_lgbm(features, sequences, folds, variant, settings.lgbm, cfg.SEED, model_dir))
+    if cfg.RUN_TORCH_TRAINING:
+        runtime = torch_runtime()
+        for variant in VARIANTS:
+            with timer(f"torch {variant}"):
+                results.append(train_torch(cache, sequences, lengths, folds, variant, settings.dl, cfg.SEED, model_dir,
+                                           runtime))
     if not results:
         raise ConfigError("every model family is switched off (RUN_LGBM_TRAINING=0 ...): nothing to train")
     fold_rows = [row for r in results for row in r.fold_metrics]

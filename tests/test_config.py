@@ -35,7 +35,7 @@ def test_environment_is_read_when_the_object_is_built(monkeypatch):
     ("DL_NUM_WORKERS", "abc"), ("DL_NUM_WORKERS", "-1"), ("FRAME_CACHE_MAX_MB", "lots"),
     ("FRAME_CACHE_MAX_MB", "nan"), ("KERAS_MP", "maybe"), ("CMI_N_FOLDS", "1"), ("CMI_SYNTHETIC_SIZE", "huge"),
     ("KERAS_CONV_BLOCKS", "5"), ("LGBM_LEARNING_RATE", "fast"), ("RUN_LGBM_TRAINING", "2"),
-    ("RUN_TORCH_TRAINING", "1"),
+    ("RUN_KERAS_TRAINING", "1"), ("DL_POOLS", "0"), ("DL_DROPOUT", "-0.1"),
 ])
 def test_bad_value_names_the_variable(monkeypatch, name, value):
     monkeypatch.setenv(name, value)

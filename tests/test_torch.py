@@ -1,0 +1,200 @@
+"""Torch branch: mask/conv alignment, fp16-safe attention, EarlyStopper, exact accumulation, OOM fallback,
+and a tiny two-fold run that trains, saves and predicts."""
+import json
+import logging
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import train_infer as ti  # noqa: E402
+from conftest import script_env  # noqa: E402
+
+
+@pytest.mark.parametrize("pools", [2, 3, 4])
+def test_mask_is_downsampled_exactly_like_the_signal(pools):
+    net = ti.build_time_series_net(5, pools=pools, hidden=8).eval()
+    assert len(net.pools) == pools                          # derived from the layers
+    for pad_len in range(29, 201):
+        x = torch.zeros(2, pad_len, 5)
+        conv_len = net.conv(x.transpose(1, 2)).shape[2]
+        assert net.downsample_mask(torch.ones(2, pad_len)).shape[1] == conv_len, (pools, pad_len)
+
+
+def test_mask_downsampling_keeps_real_steps():
+    net = ti.build_time_series_net(5, pools=3, hidden=8)
+    mask = torch.zeros(1, 90)
+    mask[0, :20] = 1                                        # 20 real frames, then padding
+    assert net.downsample_mask(mask)[0].tolist() == [1.0] * 3 + [0.0] * 8   # 20 frames -> steps 0..2 of 11
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fully_masked_rows_stay_finite_in_half_precision(dtype):
+    net = ti.build_time_series_net(6, pools=3, hidden=8).eval().to(dtype)
+    x = torch.randn(3, 90, 6, dtype=dtype)
+    mask = torch.ones(3, 90, dtype=dtype)
+    mask[1] = 0                                             # a row with no real frame at all
+    with torch.inference_mode():
+        out = net(x, mask)
+    assert torch.isfinite(out).all()
+    # Why the fill value matters: -1e9 does not exist in fp16 (it becomes -inf), and softmax over a row
+    # of -inf is NaN; -65504 is fp16's lowest finite value.
+    assert torch.tensor(-1e9, dtype=torch.float16).isinf()
+    assert torch.softmax(torch.full((4,), float("-inf"), dtype=torch.float16), 0).isnan().all()
+    assert torch.isfinite(torch.softmax(torch.full((4,), ti.ATTENTION_FILL, dtype=torch.float16), 0)).all()
+
+
+def test_early_stopper_semantics():
+    stopper = ti.EarlyStopper(patience=2, min_delta=0.01)
+    assert stopper.step(0.50) is False and stopper.best == 0.50
+    assert stopper.step(0.505) is False                     # not better by more than min_delta
+    assert stopper.step(0.52) is False and stopper.best == 0.52 and stopper.bad == 0
+    assert stopper.step(0.52) is False
+    assert stopper.step(0.40) is True                       # two epochs without improvement
+    assert stopper.best_epoch == 2
+
+
+def test_accumulation_gives_the_same_gradients_as_one_big_batch():
+    torch.manual_seed(0)
+    net = ti.build_time_series_net(4, pools=3, hidden=8).eval()   # eval: BatchNorm/Dropout fixed, pure math
+    runtime = ti.TorchRuntime(torch.device("cpu"), None)
+    x, mask = torch.randn(32, 40, 4), torch.ones(32, 40)
+    mask[5, 30:] = 0
+    y = torch.randint(0, 18, (32,))
+    ti.accumulate_gradients(net, [(x, mask, y)], 32, runtime)
+    big = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad()
+    micro = [(x[i:i + 8], mask[i:i + 8], y[i:i + 8]) for i in range(0, 32, 8)]
+    ti.accumulate_gradients(net, micro, 32, runtime)
+    for a, b in zip(big, [p.grad for p in net.parameters()]):
+        assert torch.allclose(a, b, atol=1e-6)
+    net.zero_grad()                                         # an uneven last micro-batch is weighted by its size
+    ti.accumulate_gradients(net, [(x[:20], mask[:20], y[:20]), (x[20:], mask[20:], y[20:])], 32, runtime)
+    for a, b in zip(big, [p.grad for p in net.parameters()]):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_make_loader_passes_only_allowed_arguments():
+    data = torch.utils.data.TensorDataset(torch.zeros(10, 2))
+    loader = ti.make_loader(data, 4, shuffle=True, num_workers=0, device=torch.device("cpu"))
+    assert loader.prefetch_factor is None and loader.persistent_workers is False and loader.pin_memory is False
+    assert sum(len(b[0]) for b in loader) == 10
+    loader = ti.make_loader(data, 4, shuffle=False, num_workers=1, device=torch.device("cpu"))
+    assert loader.prefetch_factor == 2 and loader.persistent_workers is True
+
+
+def _tiny_arrays(n=96, pad=40, features=5, seed=0):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 18, n)
+    x = (rng.normal(0, 1, (n, pad, features)) + y[:, None, None] * 0.1).astype(np.float32)
+    return x, np.ones((n, pad), np.float32), y
+
+
+def _fold_args(n_train=300, n_valid=40):
+    x, m, y = _tiny_arrays(n_train + n_valid)
+    return (x[:n_train], m[:n_train], y[:n_train], x[n_train:], m[n_train:], y[n_train:], np.ones(n_valid, bool))
+
+
+def test_injected_oom_restarts_the_fold_with_half_the_micro_batch(warnings_seen, monkeypatch):
+    monkeypatch.setenv("DL_BATCH_SIZE", "256")
+    monkeypatch.setenv("DL_EPOCHS", "1")
+    cfg = ti.DLConfig()
+    seen = []
+
+    def oom_above_64(size):
+        seen.append(size)
+        if size > 64:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+
+    result = ti.train_torch_fold_with_fallback(*_fold_args(), dl_cfg=cfg, runtime=ti.TorchRuntime(torch.device("cpu"), None),
+                                               seed=0, label="test", oom_hook=oom_above_64)
+    assert (result["micro_batch"], result["accum_steps"]) == (64, 4)        # effective batch still 256
+    assert "out of memory at micro-batch 256" in warnings_seen.text
+    assert "out of memory at micro-batch 128" in warnings_seen.text
+    assert "micro-batch 64 x 4 accumulation step(s) = effective batch 256" in warnings_seen.text
+    assert max(seen[-2:]) <= 64
+
+
+def test_oom_below_the_floor_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("DL_BATCH_SIZE", "128")
+    monkeypatch.setenv("DL_EPOCHS", "1")
+
+    def always_oom(size):
+        raise RuntimeError("CUDA error: out of memory")
+
+    with pytest.raises(RuntimeError, match="out of memory at micro-batch 64 .*smallest the fallback goes to"):
+        ti.train_torch_fold_with_fallback(*_fold_args(), dl_cfg=ti.DLConfig(),
+                                          runtime=ti.TorchRuntime(torch.device("cpu"), None), seed=0, label="t",
+                                          oom_hook=always_oom)
+
+
+def test_other_errors_are_not_mistaken_for_oom(monkeypatch):
+    monkeypatch.setenv("DL_EPOCHS", "1")
+
+    def broken(size):
+        raise ValueError("a real bug")
+
+    with pytest.raises(ValueError, match="a real bug"):
+        ti.train_torch_fold_with_fallback(*_fold_args(), dl_cfg=ti.DLConfig(),
+                                          runtime=ti.TorchRuntime(torch.device("cpu"), None), seed=0, label="t",
+                                          oom_hook=broken)
+
+
+def test_early_stopping_ends_training_and_keeps_the_best_epoch(monkeypatch, warnings_seen):
+    monkeypatch.setenv("DL_EPOCHS", "30")
+    monkeypatch.setenv("TORCH_ES_PATIENCE", "2")
+    monkeypatch.setenv("TORCH_ES_MIN_DELTA", "0.5")         # nothing improves by 0.5: stop after 1 + 2 epochs
+    monkeypatch.setenv("DL_BATCH_SIZE", "32")
+    result = ti.train_torch_fold(*_fold_args(), dl_cfg=ti.DLConfig(), runtime=ti.TorchRuntime(torch.device("cpu"), None),
+                                 seed=0, label="t", micro_batch=32, accum_steps=1)
+    assert result["epochs_run"] == 3 and result["stopped_early"] and result["epoch"] in (1, 2, 3)
+    assert "Early stopping at epoch 3" in warnings_seen.text
+
+
+def test_pad_length_fixed_or_percentile(monkeypatch):
+    lengths = np.arange(29, 229)
+    assert ti.torch_pad_length(lengths, ti.DLConfig()) == 90
+    monkeypatch.setenv("DL_FIXED_PAD_LEN", "0")
+    assert ti.torch_pad_length(lengths, ti.DLConfig()) == int(np.ceil(np.percentile(lengths, 95)))
+
+
+@pytest.fixture(scope="module")
+def torch_run(tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("torch_run")
+    with script_env(RUN_TORCH_TRAINING="1", DL_EPOCHS="1", DL_BATCH_SIZE="64", LGBM_N_ESTIMATORS="20",
+                    LGBM_ES_ROUNDS="5"):
+        result = ti.main(["--data-dir", str(tiny_data), "--output-dir", str(out), "--folds", "2"])
+    return out, result
+
+
+def test_one_epoch_on_two_folds_trains_saves_and_predicts(torch_run, tiny_data):
+    out, result = torch_run
+    assert sorted(p.name for p in (out / "models").glob("torch_*.pt")) == sorted(
+        f"torch_{v}_fold{k}.pt" for v in ("imu", "full") for k in range(2))
+    assert (out / "frame_features" / ti.FRAME_STORE_MANIFEST).is_file()
+    manifest = json.loads((out / "artifacts.json").read_text())
+    assert set(manifest["families"]) == {"lgbm", "torch"}
+    routes = {(r["family"], r["route"]) for r in result["summary"]}
+    assert {("torch", "imu"), ("torch", "full")} <= routes
+    folds = [r for r in result["folds"] if r["family"] == "torch"]
+    assert all(r["effective_batch"] == 64 and r["epochs_run"] == 1 for r in folds)
+    assert result["inference"]["warnings"].get("fallback", 0) == 0
+    ti.configure_inference(out)
+    predictor = ti._get_predictor()
+    assert [f for f, _ in predictor.models["imu"]] == ["lgbm", "torch"]
+    import polars as pl
+    test = pl.read_csv(tiny_data / "test.csv")
+    demographics = pl.read_csv(tiny_data / "test_demographics.csv")
+    for _, sequence, demo in list(ti._gateway_sequences(test, demographics, seed=1))[:10]:
+        probs, _ = predictor.predict_proba(sequence, demo)
+        assert probs.shape == (18,) and np.isfinite(probs).all() and probs.sum() == pytest.approx(1, abs=1e-5)
+    ti.configure_inference(None)
+
+
+def test_torch_checkpoint_loads_safely_and_reproduces_oof(torch_run, tiny_data):
+    out, _ = torch_run
+    ck = torch.load(out / "models" / "torch_full_fold0.pt", map_location="cpu", weights_only=True)
+    assert ck["pad_len"] == 90 and ck["pools"] == 3 and ck["classes"] == list(ti.GESTURES)
+    family = ti.TorchFamily.load([out / "models" / "torch_full_fold0.pt"], ti.FRAME_FEATURES)
+    assert len(family.models) == 1
