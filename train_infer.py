@@ -1660,7 +1660,8 @@ def torch_pad_length(sequences_lengths: np.ndarray, dl_cfg: DLConfig) -> int:
 
 def train_torch(cache: FrameFeatureCache, sequences: pl.DataFrame, lengths: np.ndarray, folds: np.ndarray,
                 variant: str, dl_cfg: DLConfig, seed: int, model_dir: Path, runtime: TorchRuntime | None = None,
-                oom_hook: Callable[[int], None] | None = None) -> FamilyResult:
+                oom_hook: Callable[[int], None] | None = None, only_folds: Sequence[int] | None = None
+                ) -> FamilyResult:
     """Cross-validate TimeSeriesNet for one variant; frames come through the cache fold by fold (the log
     shows its hit rate); one .pt per fold holds the best epoch's weights and the input normalisation."""
     import torch
@@ -1677,7 +1678,7 @@ def train_torch(cache: FrameFeatureCache, sequences: pl.DataFrame, lengths: np.n
              pad_len, dl_cfg.POOLS, dl_cfg.EPOCHS)
     LOG.info(log_table_row(("fold/variant", "epoch", "loss", "BinF1", "MacroF1", "score", "lr", "secs"),
                            (14, 5, 8, 8, 8, 8, 9, 6)))
-    for fold in range(int(folds.max()) + 1):
+    for fold in (range(int(folds.max()) + 1) if only_folds is None else only_folds):   # only_folds: for bench/
         fold_start = time.perf_counter()
         train_idx, valid_idx = np.where(folds != fold)[0], np.where(folds == fold)[0]
         label = f"torch {variant} f{fold}"
@@ -1711,6 +1712,7 @@ def train_torch(cache: FrameFeatureCache, sequences: pl.DataFrame, lengths: np.n
         LOG.info("%s: best epoch %d of %d (%s), score %.4f (BinF1 %.4f, MacroF1 %.4f), effective batch %d, %.1f s",
                  label, result["epoch"], result["epochs_run"], "early stop" if result["stopped_early"] else "all epochs",
                  score.score, score.binary_f1, score.macro_f1, result["micro_batch"] * result["accum_steps"], seconds)
+    eval_mask &= np.isfinite(oof).all(axis=1)               # folds not run (only_folds) are not scored
     overall = score_probabilities(y[eval_mask], oof[eval_mask])
     oof[~eval_mask] = np.nan
     LOG.info("Torch %-4s | out-of-fold score %.4f (BinF1 %.4f, MacroF1 %.4f) on %d sequences, %.1f s", variant,

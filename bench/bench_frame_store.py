@@ -12,28 +12,16 @@ from __future__ import annotations
 import os
 import platform
 import shutil
-import sys
-import time
-from pathlib import Path
 
 import polars as pl
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import train_infer as ti  # noqa: E402
-
-
-def timed(fn, *args, **kwargs):
-    start = time.perf_counter()
-    out = fn(*args, **kwargs)
-    return out, time.perf_counter() - start
+from common import CACHE, full_synthetic_dir, ti, timed
 
 
 def main() -> None:
     ti.setup_logging(None)
-    cache_dir = ROOT / "bench" / ".cache"
-    n_train, n_test = ti.SYNTHETIC_SIZES["full"]
-    data_dir = ti.generate_synthetic_competition_data(cache_dir / "full", n_train, n_test, 42)
+    cache_dir = CACHE
+    data_dir = full_synthetic_dir()
     train = ti.load_train_data(data_dir)
     ids = train["sequence_id"].unique(maintain_order=True).to_list()
     rows = []

@@ -23,20 +23,12 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import train_infer as ti  # noqa: E402
-
-
-def timed(fn, *args, **kwargs):
-    start = time.perf_counter()
-    out = fn(*args, **kwargs)
-    return out, time.perf_counter() - start
+from common import CACHE, ROOT, full_synthetic_dir, ti, timed
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cache", default=str(ROOT / "bench" / ".cache"))
+    parser.add_argument("--cache", default=str(CACHE))
     parser.add_argument("--predict-n", type=int, default=300, help="predict() calls for p50/p95")
     parser.add_argument("--skip-e2e", action="store_true", help="skip the default `python train_infer.py` run")
     parser.add_argument("--mirror-ablation", action="store_true",
@@ -46,8 +38,7 @@ def main() -> None:
     rows: list[tuple[str, str, str]] = []
     cache = Path(args.cache)
 
-    n_train, n_test = ti.SYNTHETIC_SIZES["full"]
-    data_dir, seconds = timed(ti.generate_synthetic_competition_data, cache / "full", n_train, n_test, 42)
+    data_dir, seconds = timed(full_synthetic_dir, cache)
     rows.append(("synthetic `full` set (generate, or reuse cache)", f"{seconds:.1f} s", ""))
 
     train, seconds = timed(ti.load_train_data, data_dir)

@@ -1,7 +1,6 @@
 """Torch branch: mask/conv alignment, fp16-safe attention, EarlyStopper, exact accumulation, OOM fallback,
 and a tiny two-fold run that trains, saves and predicts."""
 import json
-import logging
 
 import numpy as np
 import pytest
