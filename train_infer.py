@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import dataclasses
 import difflib
+import functools
 import hashlib
 import inspect
 import json
@@ -1425,15 +1426,20 @@ def build_time_series_net(in_features: int, n_classes: int = len(GESTURES), pool
                           dropout: float = 0.3):
     """The notes' network: conv blocks (Conv1d, BatchNorm, GELU, MaxPool1d(2)), Dropout, a BiGRU, temporal
     attention over the real (masked) steps, and a classification head."""
+    if not 1 <= pools <= len(CONV_BLOCKS):
+        raise ConfigError(f"DL_POOLS={pools} must be between 1 and {len(CONV_BLOCKS)}")
+    return _time_series_net_class()(in_features, n_classes, pools, hidden, dropout)
+
+
+@functools.cache
+def _time_series_net_class():
+    """TimeSeriesNet, defined on first use so that importing this script does not import torch."""
     import torch
     from torch import nn
     import torch.nn.functional as F
 
-    if not 1 <= pools <= len(CONV_BLOCKS):
-        raise ConfigError(f"DL_POOLS={pools} must be between 1 and {len(CONV_BLOCKS)}")
-
     class TimeSeriesNet(nn.Module):
-        def __init__(self) -> None:
+        def __init__(self, in_features: int, n_classes: int, pools: int, hidden: int, dropout: float) -> None:
             super().__init__()
             layers: list[nn.Module] = []
             channels = in_features
@@ -1467,7 +1473,7 @@ def build_time_series_net(in_features: int, n_classes: int = len(GESTURES), pool
             mean = (h * m.unsqueeze(-1).to(h.dtype)).sum(dim=1) / denom   # a second, masked-mean pooling
             return self.head(torch.cat([attended, mean], dim=1))
 
-    return TimeSeriesNet()
+    return TimeSeriesNet
 
 
 class EarlyStopper:

@@ -197,3 +197,14 @@ def test_torch_checkpoint_loads_safely_and_reproduces_oof(torch_run, tiny_data):
     assert ck["pad_len"] == 90 and ck["pools"] == 3 and ck["classes"] == list(ti.GESTURES)
     family = ti.TorchFamily.load([out / "models" / "torch_full_fold0.pt"], ti.FRAME_FEATURES)
     assert len(family.models) == 1
+
+
+def test_bad_input_with_torch_models_loaded(torch_run, tiny_data, warnings_seen):
+    from test_predict import BAD_INPUTS, _one
+    ti.configure_inference(torch_run[0])
+    for case, (make, _) in BAD_INPUTS.items():
+        sequence, demo = make(*_one(tiny_data))
+        assert ti.predict(sequence, demo) in ti.GESTURES, case
+    counts = ti._PREDICTOR_STATE["warnings"].counts
+    assert counts.get("fallback", 0) == 1                   # only the empty sequence fell back
+    ti.configure_inference(None)
