@@ -1315,6 +1315,7 @@ class FamilyResult:
     fold_metrics: list[dict[str, Any]]
     seconds: float
     overall: Score | None = None
+    epoch_log: list[dict[str, Any]] = field(default_factory=list)   # deep models: one row per fold and epoch
 
 
 def log_table_row(values: Sequence[Any], widths: Sequence[int]) -> str:
@@ -1609,11 +1610,12 @@ def train_torch_fold(x_train: np.ndarray, m_train: np.ndarray, y_train: np.ndarr
             best = {"score": score, "epoch": epoch + 1, "probs": probs,
                     "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
         seconds = time.perf_counter() - started
-        history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)) if losses else float("nan"),
-                        "score": score.score, "seconds": seconds})
-        LOG.info(log_table_row((label, epoch + 1, float(np.mean(losses)) if losses else float("nan"),
-                                score.binary_f1, score.macro_f1, score.score, f"{scheduler.get_last_lr()[0]:.2e}",
-                                f"{seconds:.1f}"), (14, 5, 8, 8, 8, 8, 9, 6)))
+        row = {"epoch": epoch + 1, "loss": float(np.mean(losses)) if losses else float("nan"),
+               "binary_f1": score.binary_f1, "macro_f1": score.macro_f1, "score": score.score,
+               "lr": scheduler.get_last_lr()[0], "seconds": round(seconds, 3)}
+        history.append(row)
+        LOG.info(log_table_row((label, row["epoch"], row["loss"], score.binary_f1, score.macro_f1, score.score,
+                                f"{row['lr']:.2e}", f"{seconds:.1f}"), (14, 5, 8, 8, 8, 8, 9, 6)))
         if stopper.step(score.score):
             LOG.info("%s: Early stopping at epoch %d (best=%.4f at epoch %d)", label, epoch + 1, stopper.best,
                      stopper.best_epoch + 1)
@@ -1679,7 +1681,7 @@ def train_torch(cache: FrameFeatureCache, sequences: pl.DataFrame, lengths: np.n
     columns = frame_feature_index(variant)
     pad_len = torch_pad_length(lengths, dl_cfg)
     oof = np.full((len(y), len(GESTURES)), np.nan)
-    fold_metrics, paths = [], []
+    fold_metrics, paths, epoch_log = [], [], []
     LOG.info("Torch %-4s | %d frame features, pad %d, %d pooling stages, up to %d epochs", variant, len(columns),
              pad_len, dl_cfg.POOLS, dl_cfg.EPOCHS)
     LOG.info(log_table_row(("fold/variant", "epoch", "loss", "BinF1", "MacroF1", "score", "lr", "secs"),
@@ -1697,6 +1699,7 @@ def train_torch(cache: FrameFeatureCache, sequences: pl.DataFrame, lengths: np.n
                                                 eval_mask[valid_idx], dl_cfg=dl_cfg, runtime=runtime, seed=seed + fold,
                                                 label=label, oom_hook=oom_hook)
         oof[valid_idx] = result["probs"]
+        epoch_log += [{"family": "torch", "variant": variant, "fold": fold} | row for row in result["history"]]
         relative = f"models/torch_{variant}_fold{fold}.pt"
         checkpoint = {"state_dict": result["state"], "mean": torch.from_numpy(mean), "std": torch.from_numpy(std),
                       "pad_len": pad_len,
@@ -1724,7 +1727,7 @@ def train_torch(cache: FrameFeatureCache, sequences: pl.DataFrame, lengths: np.n
     LOG.info("Torch %-4s | out-of-fold score %.4f (BinF1 %.4f, MacroF1 %.4f) on %d sequences, %.1f s", variant,
              overall.score, overall.binary_f1, overall.macro_f1, int(eval_mask.sum()), time.perf_counter() - started)
     return FamilyResult("torch", variant, paths, [FRAME_FEATURES[i] for i in columns], oof, eval_mask, fold_metrics,
-                        time.perf_counter() - started, overall)
+                        time.perf_counter() - started, overall, epoch_log)
 
 
 # ╔══════════════════════════════════════════════════════════════════════════════════════════════╗
@@ -2189,6 +2192,9 @@ def train_all(train: pl.DataFrame, settings: Settings, model_dir: Path, timer: S
         raise ConfigError("every model family is switched off (RUN_LGBM_TRAINING=0 ...): nothing to train")
     fold_rows = [row for r in results for row in r.fold_metrics]
     _atomic_write(model_dir / "fold_metrics.csv", lambda tmp: pl.DataFrame(fold_rows).write_csv(tmp))
+    epoch_rows = [row for r in results for row in r.epoch_log]
+    if epoch_rows:                                          # the per-epoch log table, as a CSV
+        _atomic_write(model_dir / "epoch_log.csv", lambda tmp: pl.DataFrame(epoch_rows).write_csv(tmp))
     save_oof_predictions(model_dir / "oof_predictions.parquet", sequences, folds, results)
     summary_rows = [{"family": r.family, "route": r.variant, "n_scored": int(r.eval_mask.sum()),
                      "oof_score": round(r.overall.score, 4), "binary_f1": round(r.overall.binary_f1, 4),

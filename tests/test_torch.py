@@ -3,6 +3,7 @@ and a tiny two-fold run that trains, saves and predicts."""
 import json
 
 import numpy as np
+import polars as pl
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -178,11 +179,14 @@ def test_one_epoch_on_two_folds_trains_saves_and_predicts(torch_run, tiny_data):
     assert {("torch", "imu"), ("torch", "full")} <= routes
     folds = [r for r in result["folds"] if r["family"] == "torch"]
     assert all(r["effective_batch"] == 64 and r["epochs_run"] == 1 for r in folds)
+    epochs = pl.read_csv(out / "epoch_log.csv")
+    assert epochs.height == 4 and {"fold", "epoch", "loss", "score", "lr", "seconds"} <= set(epochs.columns)
+    fold_csv = pl.read_csv(out / "fold_metrics.csv")
+    assert {"micro_batch", "effective_batch", "early_stopped"} <= set(fold_csv.columns)
     assert result["inference"]["warnings"].get("fallback", 0) == 0
     ti.configure_inference(out)
     predictor = ti._get_predictor()
     assert [f for f, _ in predictor.models["imu"]] == ["lgbm", "torch"]
-    import polars as pl
     test = pl.read_csv(tiny_data / "test.csv")
     demographics = pl.read_csv(tiny_data / "test_demographics.csv")
     for _, sequence, demo in list(ti._gateway_sequences(test, demographics, seed=1))[:10]:
