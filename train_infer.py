@@ -2169,9 +2169,10 @@ def train_all(train: pl.DataFrame, settings: Settings, model_dir: Path, timer: S
         store = FrameFeatureStore(settings.dl.FRAME_FEATURE_DIR, cfg.MIRROR_LEFT_HANDED)
         with timer("frame feature store"):                 # notes 4-4: once, right after the data loads
             build_frame_feature_store(train, store, workers=max(2, min(4, os.cpu_count() or 1)))
-        raw_by_id = train.partition_by("sequence_id", as_dict=True)
+        # The store was just built, so a miss that needs the raw rows is rare: a filter per miss costs less
+        # than holding a second, partitioned copy of the table.
         cache = FrameFeatureCache(store, settings.frame_cache.MAX_ITEMS, settings.frame_cache.MAX_BYTES,
-                                  raw_source=lambda sid: raw_by_id[(sid,)])
+                                  raw_source=lambda sid: train.filter(pl.col("sequence_id") == sid))
         # ~ frames x 58 float32 per sequence: enough to say whether every sequence fits in the cache.
         cache.warn_if_too_small(sequences.height, train.height / sequences.height * len(FRAME_FEATURES) * 4)
     lengths = train.group_by("sequence_id", maintain_order=True).len()["len"].to_numpy()
