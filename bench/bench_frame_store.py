@@ -9,13 +9,11 @@ for the data and with the default FRAME_CACHE_MAX_ITEMS. Prints a Markdown table
 """
 from __future__ import annotations
 
-import os
-import platform
 import shutil
 
 import polars as pl
 
-from common import CACHE, full_synthetic_dir, ti, timed
+from common import CACHE, full_synthetic_dir, print_stage_table, ti, timed
 
 
 def main() -> None:
@@ -76,11 +74,7 @@ def main() -> None:
         rows.append((f"hit rate per epoch, cache {label} ({items:,} items)", "",
                      " / ".join(f"epoch {i + 1}: {r:.1f}%" for i, r in enumerate(rates))))
 
-    print(f"\nMachine: {platform.platform()}, {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
-          f"Python {platform.python_version()}, polars {pl.__version__}\n")
-    print("| stage | time | notes |\n| --- | --- | --- |")
-    for stage, value, note in rows:
-        print(f"| {stage} | {value} | {note} |")
+    print_stage_table(rows, f"polars {pl.__version__}")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -23,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from common import CACHE, ROOT, full_synthetic_dir, ti, timed
+from common import CACHE, ROOT, full_synthetic_dir, print_stage_table, ti, timed
 
 
 def main() -> None:
@@ -108,12 +107,7 @@ def main() -> None:
             rows.append(("**default `python train_infer.py`** (demo set, from nothing; target about 5 min)",
                          f"**{time.perf_counter() - start:.0f} s**", "generate + train + answer the test set"))
 
-    cpu = platform.processor() or platform.machine()
-    print(f"\nMachine: {platform.platform()}, {os.cpu_count()} CPU cores ({cpu}), Python {platform.python_version()}, "
-          f"lightgbm {ti.library_versions().get('lightgbm')}, polars {pl.__version__}\n")
-    print("| stage | time | notes |\n| --- | --- | --- |")
-    for stage, value, note in rows:
-        print(f"| {stage} | {value} | {note} |")
+    print_stage_table(rows, f"lightgbm {ti.library_versions().get('lightgbm')}, polars {pl.__version__}")
 
 
 if __name__ == "__main__":

@@ -22,3 +22,14 @@ def full_synthetic_dir(cache: Path = CACHE) -> Path:
     """The `full` synthetic set (81 + 10 subjects), generated once and reused while its manifest matches."""
     n_train, n_test = ti.SYNTHETIC_SIZES["full"]
     return ti.generate_synthetic_competition_data(cache / "full", n_train, n_test, 42)
+
+
+def print_stage_table(rows: list[tuple[str, str, str]], libraries: str) -> None:
+    """The machine line, then a Markdown table of (stage, time, notes) rows, as pasted into the README."""
+    import os
+    import platform
+    print(f"\nMachine: {platform.platform()}, {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
+          f"Python {platform.python_version()}, {libraries}\n")
+    print("| stage | time | notes |\n| --- | --- | --- |")
+    for stage, value, note in rows:
+        print(f"| {stage} | {value} | {note} |")
