@@ -176,10 +176,9 @@ class Config:
     RUN_INFERENCE: bool = field(default_factory=lambda: env_bool("RUN_INFERENCE", True))            # answer test.csv after training
 
     def __post_init__(self) -> None:
-        for flag, issue in (("RUN_KERAS_TRAINING", "[4/5]"),):
-            if getattr(self, flag):
-                raise ConfigError(f"{flag}=1: that model family is not in this version of the script yet "
-                                  f"(issue {issue}); unset it")
+        if self.RUN_KERAS_TRAINING:
+            raise ConfigError("RUN_KERAS_TRAINING=1: the Keras family is not in this version of the script yet "
+                              "(issue [4/5]); unset it")
 
     @property
     def model_dir(self) -> Path:
