@@ -1535,7 +1535,8 @@ def accumulate_gradients(model, batches: Iterable[tuple[Any, Any, Any]], group_s
 def predict_torch_probs(model, x, mask, runtime: TorchRuntime, batch_size: int = 1024) -> np.ndarray:
     """Class probabilities for padded inputs (numpy or tensors), in eval mode, batch by batch."""
     import torch
-    model.eval()
+    if model.training:                                      # eval() walks every submodule: only when needed
+        model.eval()
     out = []
     with torch.inference_mode(), runtime.autocast():
         for start in range(0, len(x), batch_size):
