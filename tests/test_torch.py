@@ -96,10 +96,16 @@ def _fold_args(n_train=300, n_valid=40):
     return (x[:n_train], m[:n_train], y[:n_train], x[n_train:], m[n_train:], y[n_train:], np.ones(n_valid, bool))
 
 
+def _train_with_hook(hook):
+    """One fold, one epoch, through the OOM fallback, with ``hook`` called before every micro-batch."""
+    return ti.train_torch_fold_with_fallback(*_fold_args(), dl_cfg=ti.DLConfig(),
+                                             runtime=ti.TorchRuntime(torch.device("cpu"), None), seed=0, label="test",
+                                             oom_hook=hook)
+
+
 def test_injected_oom_restarts_the_fold_with_half_the_micro_batch(warnings_seen, monkeypatch):
     monkeypatch.setenv("DL_BATCH_SIZE", "256")
     monkeypatch.setenv("DL_EPOCHS", "1")
-    cfg = ti.DLConfig()
     seen = []
 
     def oom_above_64(size):
@@ -107,8 +113,7 @@ def test_injected_oom_restarts_the_fold_with_half_the_micro_batch(warnings_seen,
         if size > 64:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
 
-    result = ti.train_torch_fold_with_fallback(*_fold_args(), dl_cfg=cfg, runtime=ti.TorchRuntime(torch.device("cpu"), None),
-                                               seed=0, label="test", oom_hook=oom_above_64)
+    result = _train_with_hook(oom_above_64)
     assert (result["micro_batch"], result["accum_steps"]) == (64, 4)        # effective batch still 256
     assert "out of memory at micro-batch 256" in warnings_seen.text
     assert "out of memory at micro-batch 128" in warnings_seen.text
@@ -124,9 +129,7 @@ def test_oom_below_the_floor_is_a_clear_error(monkeypatch):
         raise RuntimeError("CUDA error: out of memory")
 
     with pytest.raises(RuntimeError, match="out of memory at micro-batch 64 .*smallest the fallback goes to"):
-        ti.train_torch_fold_with_fallback(*_fold_args(), dl_cfg=ti.DLConfig(),
-                                          runtime=ti.TorchRuntime(torch.device("cpu"), None), seed=0, label="t",
-                                          oom_hook=always_oom)
+        _train_with_hook(always_oom)
 
 
 def test_other_errors_are_not_mistaken_for_oom(monkeypatch):
@@ -136,9 +139,7 @@ def test_other_errors_are_not_mistaken_for_oom(monkeypatch):
         raise ValueError("a real bug")
 
     with pytest.raises(ValueError, match="a real bug"):
-        ti.train_torch_fold_with_fallback(*_fold_args(), dl_cfg=ti.DLConfig(),
-                                          runtime=ti.TorchRuntime(torch.device("cpu"), None), seed=0, label="t",
-                                          oom_hook=broken)
+        _train_with_hook(broken)
 
 
 def test_early_stopping_ends_training_and_keeps_the_best_epoch(monkeypatch, warnings_seen):
