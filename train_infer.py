@@ -30,6 +30,7 @@ import logging
 import math
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import threading
@@ -38,6 +39,7 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
@@ -97,7 +99,7 @@ def _env_raw(name: str) -> str | None:
     return None if value is None or value.strip() == "" else value.strip()
 
 
-def env_int(name: str, default: int, minimum: int | None = None) -> int:
+def env_int(name: str, default: int | None, minimum: int | None = None) -> int | None:
     raw = _env_raw(name)
     if raw is None:
         return default
@@ -171,14 +173,9 @@ class Config:
     SYNTHETIC_SIZE: str = field(default_factory=lambda: env_choice("CMI_SYNTHETIC_SIZE", "demo", ("demo", "full")))  # synthetic set when no data
     MIRROR_LEFT_HANDED: bool = field(default_factory=lambda: env_bool("CMI_MIRROR_LEFT_HANDED", True))  # mirror left-handed subjects (1st place)
     RUN_LGBM_TRAINING: bool = field(default_factory=lambda: env_bool("RUN_LGBM_TRAINING", True))    # LightGBM on aggregate features
-    RUN_TORCH_TRAINING: bool = field(default_factory=lambda: env_bool("RUN_TORCH_TRAINING", False))  # Torch TimeSeriesNet (issue [3/5])
-    RUN_KERAS_TRAINING: bool = field(default_factory=lambda: env_bool("RUN_KERAS_TRAINING", False))  # Keras model (issue [4/5])
+    RUN_TORCH_TRAINING: bool = field(default_factory=lambda: env_bool("RUN_TORCH_TRAINING", True))   # Torch TimeSeriesNet
+    RUN_KERAS_TRAINING: bool = field(default_factory=lambda: env_bool("RUN_KERAS_TRAINING", True))   # Keras model
     RUN_INFERENCE: bool = field(default_factory=lambda: env_bool("RUN_INFERENCE", True))            # answer test.csv after training
-
-    def __post_init__(self) -> None:
-        if self.RUN_KERAS_TRAINING:
-            raise ConfigError("RUN_KERAS_TRAINING=1: the Keras family is not in this version of the script yet "
-                              "(issue [4/5]); unset it")
 
     @property
     def model_dir(self) -> Path:
@@ -224,7 +221,7 @@ class DLConfig:
     HIDDEN: int = field(default_factory=lambda: env_int("DL_HIDDEN", 128, minimum=8))                 # GRU units per direction
     DROPOUT: float = field(default_factory=lambda: env_float("DL_DROPOUT", 0.3, minimum=0.0))
     NUM_WORKERS: int = field(default_factory=lambda: env_int("DL_NUM_WORKERS", 2, minimum=0))         # DataLoader workers (notes 1-3: 0 -> 2)
-    EPOCHS: int = field(default_factory=lambda: env_int("DL_EPOCHS", 40, minimum=1))
+    EPOCHS: int | None = field(default_factory=lambda: env_int("DL_EPOCHS", None, minimum=1))          # None: GPU_EPOCHS with a GPU, CPU_EPOCHS without
     LEARNING_RATE: float = field(default_factory=lambda: env_float("DL_LR", 2e-3, minimum=1e-8))
     ES_PATIENCE: int = field(default_factory=lambda: env_int("TORCH_ES_PATIENCE", 6, minimum=1))      # notes 2-2
     ES_MIN_DELTA: float = field(default_factory=lambda: env_float("TORCH_ES_MIN_DELTA", 1e-4, minimum=0.0))
@@ -242,7 +239,7 @@ class KerasConfig:
     EARLY_STOPPING_PATIENCE: int = field(default_factory=lambda: env_int("KERAS_ES_PATIENCE", 3, minimum=1))
     REDUCE_LR_PATIENCE: int = field(default_factory=lambda: env_int("KERAS_RLR_PATIENCE", 2, minimum=1))
     CONV_BLOCKS: int = field(default_factory=lambda: env_int("KERAS_CONV_BLOCKS", 3, minimum=3))      # 3, or 4 as notes 2-1 allow
-    EPOCHS: int = field(default_factory=lambda: env_int("KERAS_EPOCHS", 40, minimum=1))
+    EPOCHS: int | None = field(default_factory=lambda: env_int("KERAS_EPOCHS", None, minimum=1))      # None: GPU_EPOCHS with a GPU, CPU_EPOCHS without
     LEARNING_RATE: float = field(default_factory=lambda: env_float("KERAS_LR", 2e-3, minimum=1e-8))
 
     def __post_init__(self) -> None:
@@ -1385,6 +1382,25 @@ MIN_MICRO_BATCH = 64                                     # the OOM fallback's fl
 ATTENTION_FILL = -65504.0                                # fp16's lowest finite value: safe in fp16, bf16, fp32
 
 
+# Epochs when DL_EPOCHS / KERAS_EPOCHS are unset. With a GPU, 40: the notes' runs peak at epoch 20-27 and
+# early stopping ends them there. On 2 CPU cores one epoch of the demo set costs ~2.5 s per fold and
+# variant (measured), so 40 epochs x 5 folds x 2 variants x 2 deep families would take most of an hour:
+# 6 epochs keep the default run to minutes. That demonstrates the pipeline; it does not train a strong
+# model, and the log says so.
+GPU_EPOCHS, CPU_EPOCHS = 40, 6
+
+
+def resolve_epochs(configured: int | None, gpu: bool, variable: str) -> int:
+    """The configured epoch count, or the device's default (GPU_EPOCHS / CPU_EPOCHS) with a log line."""
+    if configured is not None:
+        return configured
+    if gpu:
+        return GPU_EPOCHS
+    LOG.warning("%s is unset and there is no GPU: %d epochs (the CPU budget; %d with a GPU). Set %s=%d for a full "
+                "run on the CPU", variable, CPU_EPOCHS, GPU_EPOCHS, variable, GPU_EPOCHS)
+    return CPU_EPOCHS
+
+
 def frame_feature_index(variant: str) -> list[int]:
     """Which frame-feature columns a deep model of this variant reads."""
     if variant == "imu":
@@ -1674,6 +1690,8 @@ def train_torch(cache: FrameFeatureCache, sequences: pl.DataFrame, lengths: np.n
     shows its hit rate); one .pt per fold holds the best epoch's weights and the input normalisation."""
     import torch
     runtime = runtime or torch_runtime()
+    dl_cfg = dataclasses.replace(dl_cfg, EPOCHS=resolve_epochs(dl_cfg.EPOCHS, runtime.device.type == "cuda",
+                                                               "DL_EPOCHS"))
     started = time.perf_counter()
     ids = sequences["sequence_id"].to_list()
     y = sequences["label"].to_numpy()
@@ -1727,6 +1745,314 @@ def train_torch(cache: FrameFeatureCache, sequences: pl.DataFrame, lengths: np.n
     LOG.info("Torch %-4s | out-of-fold score %.4f (BinF1 %.4f, MacroF1 %.4f) on %d sequences, %.1f s", variant,
              overall.score, overall.binary_f1, overall.macro_f1, int(eval_mask.sum()), time.perf_counter() - started)
     return FamilyResult("torch", variant, paths, [FRAME_FEATURES[i] for i in columns], oof, eval_mask, fold_metrics,
+                        time.perf_counter() - started, overall, epoch_log)
+
+
+# ╔══════════════════════════════════════════════════════════════════════════════════════════════╗
+# ║ Keras: the same kind of network in keras.ops only (TensorFlow, torch or JAX backend)         ║
+# ╚══════════════════════════════════════════════════════════════════════════════════════════════╝
+
+@dataclass(frozen=True)
+class KerasRuntime:
+    """Backend, GPU and precision for the Keras family, decided once (KerasSpeedConfig + the device)."""
+    backend: str
+    gpu: bool
+    mixed_precision: bool
+    jit_compile: bool
+    reason: str                   # why mixed precision is on or off, for the log
+
+    def describe(self) -> str:
+        return (f"Keras {self.backend} backend, {'GPU' if self.gpu else 'CPU'}, "
+                f"{'mixed_float16' if self.mixed_precision else 'float32'} ({self.reason}), "
+                f"jit_compile {'on' if self.jit_compile else 'off'}")
+
+
+@functools.cache
+def keras_backend_and_gpu() -> tuple[str, bool]:
+    """Import Keras (its backend comes from KERAS_BACKEND; TensorFlow when unset) and find a GPU. With
+    TensorFlow, GPU memory growth is switched on here, before any TensorFlow op, so that Torch and
+    TensorFlow can share one GPU in one notebook (TensorFlow otherwise reserves nearly all of it)."""
+    import keras
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+        gpus = tf.config.list_physical_devices("GPU")
+        for gpu in gpus:
+            try:
+                tf.config.experimental.set_memory_growth(gpu, True)
+            except RuntimeError as exc:                    # TensorFlow was initialised earlier in this process
+                LOG.warning("Could not enable TensorFlow GPU memory growth (%s): TensorFlow may reserve the whole "
+                            "GPU", exc)
+        return backend, bool(gpus)
+    if backend == "torch":
+        import torch
+        return backend, torch.cuda.is_available()
+    if backend == "jax":
+        import jax
+        return backend, any(d.platform == "gpu" for d in jax.devices())
+    return backend, False
+
+
+def keras_runtime(speed: KerasSpeedConfig) -> KerasRuntime:
+    """KERAS_MP unset: mixed precision with a GPU, float32 without one (mixed_float16 runs 4-5x slower
+    than float32 on a CPU, which has no fast fp16 units; notes 1-4 assumed a GPU). 1/0 force it."""
+    backend, gpu = keras_backend_and_gpu()
+    if speed.MIXED_PRECISION is None:
+        mixed = gpu
+        reason = "auto: GPU found" if gpu else "auto: no GPU, and mixed_float16 is slower than float32 on a CPU"
+    else:
+        mixed = speed.MIXED_PRECISION
+        reason = f"KERAS_MP={int(mixed)}"
+    return KerasRuntime(backend, gpu, mixed, speed.JIT_COMPILE, reason)
+
+
+@contextlib.contextmanager
+def keras_precision(mixed: bool):
+    """Set Keras's global dtype policy for the models built inside, and restore the previous one."""
+    import keras
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("mixed_float16" if mixed else "float32")
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+
+
+@functools.cache
+def keras_layers() -> SimpleNamespace:
+    """The custom layers, defined (and registered for .keras loading) on first use, so that importing this
+    script does not import Keras. keras.ops only: the same code runs on every backend."""
+    import keras
+    from keras import ops
+
+    @keras.saving.register_keras_serializable(package="cmi")
+    class MaskFrames(keras.layers.Layer):
+        """Zero the padded frames again after normalisation ((0 - mean) / std is not 0)."""
+
+        def call(self, inputs):
+            x, mask = inputs
+            return x * ops.expand_dims(ops.cast(mask, x.dtype), -1)
+
+    @keras.saving.register_keras_serializable(package="cmi")
+    class KerasTemporalAttention(keras.layers.Layer):
+        """Softmax attention over the real time steps. Padded steps get ``fill_value`` through where() -- not
+        by adding a large negative, since 0 x -inf is NaN. The fill is -65504 (fp16's lowest finite value)
+        cast to the logits' dtype: the seed's -1e9 becomes -inf in fp16, and a fully padded row then gives
+        softmax(-inf, ..., -inf) = NaN (notes 3-2)."""
+
+        def __init__(self, fill_value: float = ATTENTION_FILL, **kwargs):
+            super().__init__(**kwargs)
+            self.fill_value = float(fill_value)
+
+        def build(self, input_shape):
+            channels = input_shape[0][-1]
+            self.kernel = self.add_weight(shape=(channels, 1), initializer="glorot_uniform", name="kernel")
+            self.bias = self.add_weight(shape=(1,), initializer="zeros", name="bias")
+
+        def call(self, inputs):
+            h, mask = inputs
+            logits = ops.squeeze(ops.matmul(h, self.kernel) + self.bias, axis=-1)          # (B, T')
+            fill = ops.cast(self.fill_value, logits.dtype)
+            logits = ops.where(mask > 0, logits, ops.full_like(logits, fill))
+            weights = ops.cast(ops.softmax(ops.cast(logits, "float32"), axis=1), h.dtype)
+            return ops.sum(ops.expand_dims(weights, -1) * h, axis=1)
+
+        def compute_output_shape(self, input_shape):
+            return (input_shape[0][0], input_shape[0][-1])
+
+        def get_config(self):
+            return super().get_config() | {"fill_value": self.fill_value}
+
+    @keras.saving.register_keras_serializable(package="cmi")
+    class MaskedMean(keras.layers.Layer):
+        """Mean over the real time steps (a second pooling beside attention, as in TimeSeriesNet)."""
+
+        def call(self, inputs):
+            h, mask = inputs
+            m = ops.expand_dims(ops.cast(mask, h.dtype), -1)
+            return ops.sum(h * m, axis=1) / ops.maximum(ops.sum(m, axis=1), ops.cast(1.0, h.dtype))
+
+        def compute_output_shape(self, input_shape):
+            return (input_shape[0][0], input_shape[0][-1])
+
+    return SimpleNamespace(MaskFrames=MaskFrames, KerasTemporalAttention=KerasTemporalAttention,
+                           MaskedMean=MaskedMean)
+
+
+def conv_block(x, filters: int, kernel: int):
+    """Conv1D -> BatchNorm -> GELU -> MaxPool(2); returns the output and the pooling layer (for the mask)."""
+    import keras
+    x = keras.layers.Conv1D(filters, kernel, padding="same", use_bias=False)(x)
+    x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.Activation("gelu")(x)
+    pool = keras.layers.MaxPooling1D(2)
+    return pool(x), pool
+
+
+def build_keras_model(in_features: int, pad_len: int, conv_blocks: int, mean: np.ndarray, std: np.ndarray,
+                      hidden: int = 128, dropout: float = 0.3, n_classes: int = len(GESTURES), name: str = "keras"):
+    """Inputs: raw padded frames (pad_len x in_features) and their mask. The fold's normalisation lives in
+    the model (a Normalization layer), so a .keras file is all inference needs. Conv blocks as in
+    TimeSeriesNet, the mask max-pooled once per pooling layer actually built, a BiGRU, attention + masked
+    mean, and a float32 softmax head (under mixed precision the output must not be fp16)."""
+    import keras
+    if conv_blocks not in (3, 4):
+        raise ConfigError(f"KERAS_CONV_BLOCKS={conv_blocks} must be 3 or 4")
+    custom = keras_layers()
+    frames = keras.Input((pad_len, in_features), name="frames")
+    mask = keras.Input((pad_len,), name="mask")
+    x = keras.layers.Normalization(axis=-1, mean=mean, variance=np.square(std))(frames)
+    x = custom.MaskFrames()([x, mask])
+    pools = []
+    for filters, kernel in CONV_BLOCKS[:conv_blocks]:
+        x, pool = conv_block(x, filters, kernel)
+        pools.append(pool)
+    x = keras.layers.Dropout(dropout, name="conv_features")(x)
+    # The mask goes through the same pooling layers' sizes and strides, once per layer built: never a
+    # separately typed count that can drift from the conv stack.
+    m = keras.layers.Reshape((pad_len, 1))(mask)
+    for pool in pools:
+        m = keras.layers.MaxPooling1D(pool.pool_size, pool.strides, padding=pool.padding)(m)
+    m = keras.layers.Reshape((-1,), name="downsampled_mask")(m)
+    h = keras.layers.Bidirectional(keras.layers.GRU(hidden, return_sequences=True))(x)
+    pooled = keras.layers.Concatenate()([custom.KerasTemporalAttention()([h, m]), custom.MaskedMean()([h, m])])
+    z = keras.layers.Dense(2 * hidden, activation="gelu")(pooled)
+    z = keras.layers.Dropout(dropout)(z)
+    out = keras.layers.Dense(n_classes, activation="softmax", dtype="float32", name="probabilities")(z)
+    return keras.Model([frames, mask], out, name=name)
+
+
+def keras_validation_callback(x_valid: np.ndarray, m_valid: np.ndarray, y_valid: np.ndarray,
+                              score_mask: np.ndarray, batch_size: int, label: str, history: list[dict[str, Any]],
+                              best: dict[str, Any]):
+    """A callback that scores the validation fold with the competition metric after each epoch and puts
+    it in the logs as ``val_score``, for the EarlyStopping / ReduceLROnPlateau / ModelCheckpoint after it
+    (callbacks share one logs dict, in list order). It logs the epoch row and keeps the best epoch's
+    out-of-fold probabilities; a NaN loss stops the fold with an error instead of saving a broken model."""
+    import keras
+
+    class ValidationScore(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.started = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            logs = logs if logs is not None else {}
+            loss = float(logs.get("loss", float("nan")))
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"{label}: the training loss is {loss} at epoch {epoch + 1}")
+            probs = np.asarray(self.model.predict([x_valid, m_valid], batch_size=batch_size, verbose=0),
+                               dtype=np.float64)   # batch_size: the whole fold at once on most data, one trace
+            score = score_probabilities(y_valid[score_mask], probs[score_mask])
+            logs["val_score"] = score.score
+            if best.get("score") is None or score.score > best["score"].score:
+                best.update(score=score, epoch=epoch + 1, probs=probs)
+            lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+            seconds = time.perf_counter() - self.started
+            history.append({"epoch": epoch + 1, "loss": loss, "binary_f1": score.binary_f1,
+                            "macro_f1": score.macro_f1, "score": score.score, "lr": lr, "seconds": round(seconds, 3)})
+            LOG.info(log_table_row((label, epoch + 1, loss, score.binary_f1, score.macro_f1, score.score,
+                                    f"{lr:.2e}", f"{seconds:.1f}"), (14, 5, 8, 8, 8, 8, 9, 6)))
+
+    return ValidationScore()
+
+
+def train_keras_fold(x_train: np.ndarray, m_train: np.ndarray, y_train: np.ndarray, x_valid: np.ndarray,
+                     m_valid: np.ndarray, y_valid: np.ndarray, score_mask: np.ndarray, keras_cfg: KerasConfig,
+                     runtime: KerasRuntime, epochs: int, seed: int, label: str, name: str, checkpoint: Path
+                     ) -> dict[str, Any]:
+    """One fold: a fresh session and seed, AdamW, EarlyStopping(restore_best_weights) and
+    ReduceLROnPlateau on the validation competition score, ModelCheckpoint of the best epoch to
+    ``checkpoint`` (.keras)."""
+    import keras
+    keras.backend.clear_session()                          # one fold's graphs and names do not pile up
+    keras.utils.set_random_seed(seed)
+    mean, std = frame_statistics(x_train, m_train)
+    model = build_keras_model(x_train.shape[2], x_train.shape[1], keras_cfg.CONV_BLOCKS, mean, std, name=name)
+    model.compile(optimizer=keras.optimizers.AdamW(keras_cfg.LEARNING_RATE, weight_decay=1e-2),
+                  loss="sparse_categorical_crossentropy", jit_compile=runtime.jit_compile)
+    history: list[dict[str, Any]] = []
+    best: dict[str, Any] = {"score": None}
+    callbacks = [
+        keras_validation_callback(x_valid, m_valid, y_valid, score_mask, max(keras_cfg.BATCH_SIZE, 2048), label,
+                                  history, best),
+        keras.callbacks.EarlyStopping(monitor="val_score", mode="max", patience=keras_cfg.EARLY_STOPPING_PATIENCE,
+                                      restore_best_weights=True),
+        keras.callbacks.ReduceLROnPlateau(monitor="val_score", mode="max", factor=0.5,
+                                          patience=keras_cfg.REDUCE_LR_PATIENCE, min_lr=keras_cfg.LEARNING_RATE / 64),
+        keras.callbacks.ModelCheckpoint(str(checkpoint), monitor="val_score", mode="max", save_best_only=True),
+    ]
+    # Arrays, not a keras.utils.PyDataset: with TensorFlow a PyDataset made each step 2.4x slower here
+    # (measured). The last, smaller batch costs one more trace of the training step (~5 s on 2 CPU cores).
+    model.fit([x_train, m_train], y_train, batch_size=keras_cfg.BATCH_SIZE, epochs=epochs, shuffle=True,
+              callbacks=callbacks, verbose=0)
+    stopped = len(history) < epochs
+    if stopped:
+        LOG.info("%s: Early stopping at epoch %d (best=%.4f at epoch %d)", label, len(history), best["score"].score,
+                 best["epoch"])
+    return best | {"epochs_run": len(history), "stopped_early": stopped, "history": history}
+
+
+def train_keras(cache: FrameFeatureCache, sequences: pl.DataFrame, folds: np.ndarray, variant: str,
+                keras_cfg: KerasConfig, speed: KerasSpeedConfig, seed: int, model_dir: Path,
+                only_folds: Sequence[int] | None = None) -> FamilyResult:
+    """Cross-validate the Keras model for one variant; one .keras file per fold (never .pt: the two deep
+    families' artifacts stay apart), the same result shape as train_lgbm / train_torch."""
+    runtime = keras_runtime(speed)
+    epochs = resolve_epochs(keras_cfg.EPOCHS, runtime.gpu, "KERAS_EPOCHS")
+    started = time.perf_counter()
+    ids = sequences["sequence_id"].to_list()
+    y = sequences["label"].to_numpy()
+    eval_mask = np.ones(len(y), bool) if variant == "imu" else sequences["has_thm_tof"].to_numpy()
+    columns = frame_feature_index(variant)
+    pad_len = keras_cfg.FIXED_PAD_LEN
+    oof = np.full((len(y), len(GESTURES)), np.nan)
+    fold_metrics, paths, epoch_log = [], [], []
+    LOG.info("Keras %-4s | %s | %d frame features, pad %d, %d conv blocks, batch %d, up to %d epochs", variant,
+             runtime.describe(), len(columns), pad_len, keras_cfg.CONV_BLOCKS, keras_cfg.BATCH_SIZE, epochs)
+    LOG.info(log_table_row(("fold/variant", "epoch", "loss", "BinF1", "MacroF1", "score", "lr", "secs"),
+                           (14, 5, 8, 8, 8, 8, 9, 6)))
+    models_dir = model_dir / "models"
+    models_dir.mkdir(parents=True, exist_ok=True)
+    with keras_precision(runtime.mixed_precision):
+        for fold in (range(int(folds.max()) + 1) if only_folds is None else only_folds):
+            fold_start = time.perf_counter()
+            train_idx, valid_idx = np.where(folds != fold)[0], np.where(folds == fold)[0]
+            label = f"keras {variant} f{fold}"
+            x_tr, m_tr = load_padded_frames(cache, [ids[i] for i in train_idx], pad_len, f"{label} train frames")
+            x_va, m_va = load_padded_frames(cache, [ids[i] for i in valid_idx], pad_len, f"{label} valid frames")
+            name = f"keras_{variant}_fold{fold}"
+            # ModelCheckpoint writes in place; it writes into a private folder beside the final file, which
+            # is moved into place (atomically) only when the fold is done.
+            scratch = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=models_dir))
+            try:
+                result = train_keras_fold(x_tr[:, :, columns], m_tr, y[train_idx], x_va[:, :, columns], m_va,
+                                          y[valid_idx], eval_mask[valid_idx], keras_cfg, runtime, epochs, seed + fold,
+                                          label, name, scratch / f"{name}.keras")
+                os.replace(scratch / f"{name}.keras", models_dir / f"{name}.keras")
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
+            oof[valid_idx] = result["probs"]
+            epoch_log += [{"family": "keras", "variant": variant, "fold": fold} | row for row in result["history"]]
+            paths.append(f"models/{name}.keras")
+            seconds = time.perf_counter() - fold_start
+            score = result["score"]
+            fold_metrics.append({"family": "keras", "variant": variant, "fold": fold, "n_train": len(train_idx),
+                                 "n_valid": int(eval_mask[valid_idx].sum()), "best_iteration": result["epoch"],
+                                 "epochs_run": result["epochs_run"], "early_stopped": result["stopped_early"],
+                                 "micro_batch": keras_cfg.BATCH_SIZE, "effective_batch": keras_cfg.BATCH_SIZE,
+                                 "binary_f1": score.binary_f1, "macro_f1": score.macro_f1, "score": score.score,
+                                 "seconds": round(seconds, 2),
+                                 "seconds_per_epoch": round(float(np.mean([h["seconds"] for h in result["history"]])),
+                                                            3)})
+            LOG.info("%s: best epoch %d of %d (%s), score %.4f (BinF1 %.4f, MacroF1 %.4f), batch %d, %.1f s", label,
+                     result["epoch"], result["epochs_run"], "early stop" if result["stopped_early"] else "all epochs",
+                     score.score, score.binary_f1, score.macro_f1, keras_cfg.BATCH_SIZE, seconds)
+    eval_mask &= np.isfinite(oof).all(axis=1)
+    overall = score_probabilities(y[eval_mask], oof[eval_mask])
+    oof[~eval_mask] = np.nan
+    LOG.info("Keras %-4s | out-of-fold score %.4f (BinF1 %.4f, MacroF1 %.4f) on %d sequences, %.1f s", variant,
+             overall.score, overall.binary_f1, overall.macro_f1, int(eval_mask.sum()), time.perf_counter() - started)
+    return FamilyResult("keras", variant, paths, [FRAME_FEATURES[i] for i in columns], oof, eval_mask, fold_metrics,
                         time.perf_counter() - started, overall, epoch_log)
 
 
@@ -1838,6 +2164,8 @@ class GesturePredictor:
             return LgbmFamily.load(paths, spec["features"])
         if family == "torch":
             return TorchFamily.load(paths, spec["features"])
+        if family == "keras":
+            return KerasFamily.load(paths, spec["features"])
         raise ValueError(f"unknown model family {family!r}")
 
     # -- input hygiene: every oddity becomes a warning and a usable matrix ------------------------
@@ -2001,6 +2329,43 @@ class TorchFamily:
             x = standardize_frames(x[None], mask[None], mean, std)
             probs.append(predict_torch_probs(net, x, mask[None], self.runtime)[0])
         return np.mean(probs, axis=0)
+
+
+class KerasFamily:
+    """The Keras fold models of one variant, joined into one model that averages them, called with
+    predict_on_batch: a compiled call. model.predict() per sequence pays ~100 ms of set-up (data adapter,
+    callbacks) and an eager model(x) call ~200 ms with TensorFlow (measured by bench/bench_keras.py), for
+    a batch of one."""
+
+    def __init__(self, models: list[Any], columns: list[str]) -> None:
+        import keras
+        unknown = [c for c in columns if c not in FRAME_FEATURES]
+        if unknown:
+            raise ValueError(f"{len(unknown)} frame feature(s) this script no longer computes, e.g. {unknown[:3]}")
+        self.index = [FRAME_FEATURES.index(c) for c in columns]
+        self.pad_len, in_features = int(models[0].inputs[0].shape[1]), int(models[0].inputs[0].shape[2])
+        if in_features != len(columns) or any(tuple(m.inputs[0].shape[1:]) != (self.pad_len, in_features)
+                                              for m in models):
+            raise ValueError("Keras model input shapes differ from the manifest's feature columns")
+        self.models = models
+        if len(models) == 1:
+            self.model = models[0]
+        else:
+            frames = keras.Input((self.pad_len, in_features), name="frames")
+            mask = keras.Input((self.pad_len,), name="mask")
+            self.model = keras.Model([frames, mask], keras.layers.Average()([m([frames, mask]) for m in models]))
+        self.predict(SequenceInputs(np.zeros((1, len(FRAME_FEATURES)), np.float32), {}))  # compile now, not on call 1
+
+    @classmethod
+    def load(cls, paths: list[Path], columns: list[str]) -> "KerasFamily":
+        import keras
+        keras_backend_and_gpu()                            # TensorFlow GPU memory growth before any op
+        keras_layers()                                     # register the custom layers for deserialisation
+        return cls([keras.saving.load_model(p, compile=False) for p in paths], columns)
+
+    def predict(self, inputs: SequenceInputs) -> np.ndarray:
+        x, mask = pad_last_frames(inputs.frames[:, self.index], self.pad_len)
+        return np.asarray(self.model.predict_on_batch([x[None], mask[None]]), dtype=np.float64)[0]
 
 
 _PREDICTOR_LOCK = threading.Lock()
@@ -2189,6 +2554,11 @@ def train_all(train: pl.DataFrame, settings: Settings, model_dir: Path, timer: S
             with timer(f"torch {variant}"):
                 results.append(train_torch(cache, sequences, lengths, folds, variant, settings.dl, cfg.SEED, model_dir,
                                            runtime))
+    if cfg.RUN_KERAS_TRAINING:
+        for variant in VARIANTS:
+            with timer(f"keras {variant}"):
+                results.append(train_keras(cache, sequences, folds, variant, settings.keras, settings.keras_speed,
+                                           cfg.SEED, model_dir))
     if not results:
         raise ConfigError("every model family is switched off (RUN_LGBM_TRAINING=0 ...): nothing to train")
     fold_rows = [row for r in results for row in r.fold_metrics]

@@ -60,6 +60,9 @@ def main() -> None:
         os.environ.update(env)
         try:
             dl_cfg = ti.DLConfig()
+            # Both configurations get the GPU epoch budget (40) unless DL_EPOCHS says otherwise: the CPU
+            # budget of the default run would hide what early stopping saves.
+            dl_cfg.EPOCHS = dl_cfg.EPOCHS or ti.GPU_EPOCHS
         finally:
             for k, v in saved.items():
                 os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)

@@ -52,7 +52,7 @@ def tiny_data(tmp_path_factory) -> Path:
 def trained_run(tiny_data, tmp_path_factory) -> tuple[Path, dict]:
     """One end-to-end run on the tiny set: 2 folds, train, save, answer every test sequence."""
     out = tmp_path_factory.mktemp("trained")
-    with script_env(LGBM_N_ESTIMATORS="60", LGBM_ES_ROUNDS="15"):
+    with script_env(LGBM_N_ESTIMATORS="60", LGBM_ES_ROUNDS="15", RUN_TORCH_TRAINING="0", RUN_KERAS_TRAINING="0"):
         result = ti.main(["--data-dir", str(tiny_data), "--output-dir", str(out), "--folds", "2"])
     return out, result
 

@@ -18,8 +18,17 @@ def test_defaults_follow_the_design_notes():
     assert s.keras.BATCH_SIZE == 512 and s.keras.EARLY_STOPPING_PATIENCE == 3 and s.keras.REDUCE_LR_PATIENCE == 2
     assert s.keras_speed.MIXED_PRECISION is None and s.keras_speed.JIT_COMPILE is False
     assert s.ensemble.TRIALS == 1024
-    assert s.cfg.RUN_LGBM_TRAINING and s.cfg.N_FOLDS == 5 and s.cfg.SYNTHETIC_SIZE == "demo"
+    assert s.cfg.RUN_LGBM_TRAINING and s.cfg.RUN_TORCH_TRAINING and s.cfg.RUN_KERAS_TRAINING
+    assert s.dl.EPOCHS is None and s.keras.EPOCHS is None          # by device: GPU_EPOCHS, or CPU_EPOCHS
+    assert s.cfg.N_FOLDS == 5 and s.cfg.SYNTHETIC_SIZE == "demo"
     assert s.dl.FRAME_FEATURE_DIR == Path(s.cfg.OUTPUT_PATH) / "frame_features"
+
+
+def test_epochs_follow_the_device_unless_set(warnings_seen):
+    assert ti.resolve_epochs(None, gpu=True, variable="DL_EPOCHS") == ti.GPU_EPOCHS == 40
+    assert ti.resolve_epochs(None, gpu=False, variable="DL_EPOCHS") == ti.CPU_EPOCHS
+    assert "DL_EPOCHS is unset and there is no GPU" in warnings_seen.text
+    assert ti.resolve_epochs(12, gpu=False, variable="KERAS_EPOCHS") == 12
 
 
 def test_environment_is_read_when_the_object_is_built(monkeypatch):
@@ -35,7 +44,8 @@ def test_environment_is_read_when_the_object_is_built(monkeypatch):
     ("DL_NUM_WORKERS", "abc"), ("DL_NUM_WORKERS", "-1"), ("FRAME_CACHE_MAX_MB", "lots"),
     ("FRAME_CACHE_MAX_MB", "nan"), ("KERAS_MP", "maybe"), ("CMI_N_FOLDS", "1"), ("CMI_SYNTHETIC_SIZE", "huge"),
     ("KERAS_CONV_BLOCKS", "5"), ("LGBM_LEARNING_RATE", "fast"), ("RUN_LGBM_TRAINING", "2"),
-    ("RUN_KERAS_TRAINING", "1"), ("DL_POOLS", "0"), ("DL_DROPOUT", "-0.1"),
+    ("RUN_KERAS_TRAINING", "maybe"), ("DL_POOLS", "0"), ("DL_DROPOUT", "-0.1"), ("DL_EPOCHS", "0"),
+    ("KERAS_EPOCHS", "ten"),
 ])
 def test_bad_value_names_the_variable(monkeypatch, name, value):
     monkeypatch.setenv(name, value)

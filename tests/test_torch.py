@@ -163,7 +163,7 @@ def test_pad_length_fixed_or_percentile(monkeypatch):
 @pytest.fixture(scope="module")
 def torch_run(tiny_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("torch_run")
-    with script_env(RUN_TORCH_TRAINING="1", DL_EPOCHS="1", DL_BATCH_SIZE="64", LGBM_N_ESTIMATORS="20",
+    with script_env(RUN_TORCH_TRAINING="1", RUN_KERAS_TRAINING="0", DL_EPOCHS="1", DL_BATCH_SIZE="64", LGBM_N_ESTIMATORS="20",
                     LGBM_ES_ROUNDS="5"):
         result = ti.main(["--data-dir", str(tiny_data), "--output-dir", str(out), "--folds", "2"])
     return out, result

@@ -1,0 +1,167 @@
+"""Keras branch: fp16-safe attention, mixed precision without NaN, backend portability, mask/conv alignment,
+and a tiny two-fold run of all three families that trains, saves, reloads and predicts."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import polars as pl
+import pytest
+
+keras = pytest.importorskip("keras")
+
+import train_infer as ti  # noqa: E402
+from conftest import ROOT, script_env  # noqa: E402
+
+
+def _attention_output(fill_value):
+    layer = ti.keras_layers().KerasTemporalAttention(fill_value=fill_value, dtype="float16")
+    h = keras.ops.convert_to_tensor(np.random.default_rng(0).standard_normal((2, 11, 8)), dtype="float16")
+    mask = np.ones((2, 11), dtype=np.float16)
+    mask[1] = 0                                             # a row with no real step at all
+    return keras.ops.convert_to_numpy(layer([h, keras.ops.convert_to_tensor(mask)])).astype(np.float32)
+
+
+def test_fp16_attention_is_finite_with_65504_and_nan_with_1e9():
+    out = _attention_output(ti.ATTENTION_FILL)
+    assert np.isfinite(out).all()
+    # Why the fix exists: -1e9 is -inf in fp16, and softmax over a row of -inf is NaN.
+    seed_version = _attention_output(-1e9)
+    assert np.isfinite(seed_version[0]).all() and np.isnan(seed_version[1]).all()
+
+
+def _random_inputs(n, pad_len=90, features=6, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, pad_len, features)).astype(np.float32)
+    mask = np.zeros((n, pad_len), np.float32)
+    for i, length in enumerate(rng.integers(0, pad_len + 1, n)):
+        mask[i, :length] = 1.0
+    mask[0] = 0                                             # one sequence fully padded
+    return x * mask[..., None], mask, rng.integers(0, len(ti.GESTURES), n)
+
+
+def _small_model(features=6, pad_len=90, blocks=3, name="t"):
+    return ti.build_keras_model(features, pad_len, blocks, np.zeros(features, np.float32),
+                                np.ones(features, np.float32), hidden=8, name=name)
+
+
+def test_one_epoch_under_mixed_precision_has_no_nan():
+    x, mask, y = _random_inputs(64)
+    with ti.keras_precision(True):
+        model = _small_model()
+        assert model.get_layer("conv_features").compute_dtype == "float16"
+        assert model.get_layer("probabilities").compute_dtype == "float32"   # the head stays float32
+        model.compile(optimizer=keras.optimizers.AdamW(1e-3), loss="sparse_categorical_crossentropy")
+        history = model.fit([x, mask], y, batch_size=32, epochs=1, verbose=0)
+        probs = model.predict_on_batch([x, mask])
+    assert np.isfinite(history.history["loss"]).all()
+    assert np.isfinite(probs).all() and probs.dtype == np.float32
+    assert keras.mixed_precision.global_policy().name == "float32"         # the policy is restored
+
+
+@pytest.mark.parametrize("blocks", [3, 4])
+def test_mask_is_downsampled_exactly_like_the_conv_output(blocks):
+    for pad_len in (29, 45, 64, 90, 127, 200):
+        model = _small_model(pad_len=pad_len, blocks=blocks)
+        conv_len = model.get_layer("conv_features").output.shape[1]
+        assert model.get_layer("downsampled_mask").output.shape[1] == conv_len, (blocks, pad_len)
+    mask_model = keras.Model(model.inputs, model.get_layer("downsampled_mask").output)
+    mask = np.zeros((1, 200), np.float32)
+    mask[0, :40] = 1                           # 40 real frames: a step is real if any frame under it is
+    pooled = np.asarray(mask_model.predict_on_batch([np.zeros((1, 200, 6), np.float32), mask]))[0]
+    real = -(-40 // 2 ** blocks)
+    assert pooled.tolist() == [1.0] * real + [0.0] * (len(pooled) - real)
+
+
+def test_mixed_precision_follows_the_device_unless_forced(monkeypatch):
+    runtime = ti.keras_runtime(ti.KerasSpeedConfig())
+    assert runtime.mixed_precision == runtime.gpu and runtime.reason.startswith("auto")
+    monkeypatch.setenv("KERAS_MP", "1")
+    assert ti.keras_runtime(ti.KerasSpeedConfig()).mixed_precision is True
+    monkeypatch.setenv("KERAS_MP", "0")
+    assert ti.keras_runtime(ti.KerasSpeedConfig()).mixed_precision is False
+
+
+TORCH_BACKEND_SCRIPT = """
+import numpy as np, keras, train_infer as ti
+assert keras.backend.backend() == "torch"
+model = ti.build_keras_model(6, 90, 3, np.zeros(6, np.float32), np.ones(6, np.float32), hidden=8)
+model.compile(optimizer=keras.optimizers.AdamW(1e-3), loss="sparse_categorical_crossentropy")
+x = np.random.default_rng(0).standard_normal((8, 90, 6)).astype(np.float32)
+mask = np.ones((8, 90), np.float32); mask[0] = 0
+loss = float(model.train_on_batch([x, mask], np.arange(8)))
+probs = np.asarray(model.predict_on_batch([x, mask]))
+assert np.isfinite(loss) and np.isfinite(probs).all() and probs.shape == (8, 18), (loss, probs.shape)
+print("ok", loss)
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="the torch backend needs PyTorch")
+def test_model_trains_one_step_under_the_torch_backend(tmp_path):
+    env = dict(os.environ, KERAS_BACKEND="torch", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-c", TORCH_BACKEND_SCRIPT], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("ok")
+
+
+@pytest.fixture(scope="module")
+def all_families_run(tiny_data, tmp_path_factory):
+    """The default run (every family on), one epoch, two folds, small batches: the shape of the real thing."""
+    out = tmp_path_factory.mktemp("all_families")
+    with script_env(DL_EPOCHS="1", KERAS_EPOCHS="2", DL_BATCH_SIZE="64", KERAS_BATCH_SIZE="64",
+                    LGBM_N_ESTIMATORS="20", LGBM_ES_ROUNDS="5"):
+        result = ti.main(["--data-dir", str(tiny_data), "--output-dir", str(out), "--folds", "2"])
+    return out, result
+
+
+def test_default_run_trains_saves_and_predicts_with_all_three_families(all_families_run, tiny_data):
+    out, result = all_families_run
+    models = out / "models"
+    assert sorted(p.name for p in models.glob("keras_*")) == sorted(
+        f"keras_{v}_fold{k}.keras" for v in ("imu", "full") for k in range(2))
+    assert not list(models.glob("keras_*.pt")) and not list(models.glob(".keras_*"))   # no scratch left behind
+    manifest = json.loads((out / "artifacts.json").read_text())
+    assert set(manifest["families"]) == {"lgbm", "torch", "keras"}
+    assert {(r["family"], r["route"]) for r in result["summary"]} >= {("keras", "imu"), ("keras", "full")}
+    keras_folds = [r for r in result["folds"] if r["family"] == "keras"]
+    assert len(keras_folds) == 4 and all(1 <= r["best_iteration"] <= r["epochs_run"] <= 2 for r in keras_folds)
+    epochs = pl.read_csv(out / "epoch_log.csv").filter(pl.col("family") == "keras")
+    assert epochs.height == sum(r["epochs_run"] for r in keras_folds)
+    assert np.isfinite(epochs["loss"].to_numpy()).all()
+    assert result["inference"]["warnings"].get("fallback", 0) == 0
+    submission = pl.read_csv(out / "submission.csv")
+    assert submission.height == pl.read_csv(tiny_data / "test.csv")["sequence_id"].n_unique()
+    assert set(submission["gesture"]) <= set(ti.GESTURES)
+
+
+def test_keras_checkpoint_reloads_and_reproduces_the_out_of_fold_probabilities(all_families_run):
+    out, _ = all_families_run
+    oof = pl.read_parquet(out / "oof_predictions.parquet")
+    family = ti.KerasFamily.load([out / "models" / "keras_full_fold0.keras"], ti.FRAME_FEATURES)
+    store = ti.FrameFeatureStore(out / "frame_features")
+    fold0 = oof.filter((pl.col("fold") == 0) & pl.col("has_thm_tof")).head(5)
+    for row in fold0.iter_rows(named=True):
+        frames = ti.clean_frame_array(store.read(row["sequence_id"]))
+        probs = family.predict(ti.SequenceInputs(frames, {}))
+        expected = np.array([row[f"keras_full__{g}"] for g in ti.GESTURES])
+        np.testing.assert_allclose(probs, expected, atol=1e-4)
+
+
+def test_predict_calls_the_models_directly_not_model_predict(all_families_run, tiny_data, monkeypatch):
+    ti.configure_inference(all_families_run[0])
+    predictor = ti._get_predictor()
+    assert [f for f, _ in predictor.models["full"]] == ["lgbm", "torch", "keras"]
+
+    def no_model_predict(*args, **kwargs):
+        raise AssertionError("model.predict() has ~100 ms of per-call set-up: predict() must not use it")
+
+    monkeypatch.setattr(keras.Model, "predict", no_model_predict)
+    test = pl.read_csv(tiny_data / "test.csv")
+    demographics = pl.read_csv(tiny_data / "test_demographics.csv")
+    for _, sequence, demo in list(ti._gateway_sequences(test, demographics, seed=3))[:6]:
+        probs, _ = predictor.predict_proba(sequence, demo)
+        assert probs.shape == (18,) and np.isfinite(probs).all()
+    ti.configure_inference(None)
