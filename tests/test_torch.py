@@ -45,6 +45,28 @@ def test_fully_masked_rows_stay_finite_in_half_precision(dtype):
     assert torch.isfinite(torch.softmax(torch.full((4,), ti.ATTENTION_FILL, dtype=torch.float16), 0)).all()
 
 
+def test_stacked_fold_nets_equal_the_mean_of_the_nets():
+    torch.manual_seed(0)
+    nets = []
+    for _ in range(3):
+        net = ti.build_time_series_net(7, pools=3, hidden=16)
+        for module in net.modules():                        # non-trivial BatchNorm statistics
+            if isinstance(module, torch.nn.BatchNorm1d):
+                module.running_mean.normal_()
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.data.normal_()
+        nets.append(net.eval())
+    stack = ti.stack_fold_nets(nets)
+    x = torch.randn(4, 3, 90, 7)                            # each net gets its own (standardised) input
+    mask = torch.ones(4, 90)
+    mask[1, 30:] = 0
+    mask[2] = 0                                             # fully padded
+    with torch.inference_mode():
+        expected = torch.stack([torch.softmax(net(x[:, k], mask), 1) for k, net in enumerate(nets)]).mean(0)
+        got = stack(x, mask)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+
+
 def test_early_stopper_semantics():
     stopper = ti.EarlyStopper(patience=2, min_delta=0.01)
     assert stopper.step(0.50) is False and stopper.best == 0.50
@@ -213,3 +235,15 @@ def test_bad_input_with_torch_models_loaded(torch_run, tiny_data, warnings_seen)
     counts = ti._PREDICTOR_STATE["warnings"].counts
     assert counts.get("fallback", 0) == 1                   # only the empty sequence fell back
     ti.configure_inference(None)
+
+
+def test_torch_family_stacked_prediction_equals_the_per_fold_loop(torch_run):
+    out, _ = torch_run
+    paths = sorted((out / "models").glob("torch_full_fold*.pt"))
+    family = ti.TorchFamily.load(paths, ti.FRAME_FEATURES)
+    assert family.stack is not None and len(family.models) == 2
+    frames = np.random.default_rng(0).standard_normal((120, len(ti.FRAME_FEATURES))).astype(np.float32)
+    inputs = ti.SequenceInputs(frames, {})
+    stacked = family.predict(inputs)
+    family.stack = None                                     # the plain loop over fold nets
+    np.testing.assert_allclose(stacked, family.predict(inputs), atol=1e-6)
