@@ -7,10 +7,15 @@ What it does, top to bottom:
   3. builds frame-level features with ONE function that ``predict()`` also uses (IMU physics: linear
      acceleration with gravity removed through the quaternion, angular velocity and distance, jerk;
      thermopiles; ToF per sensor with -1 treated as missing), then per-sequence aggregates in polars;
-  4. cross-validates LightGBM (StratifiedGroupKFold by subject) in two variants: IMU-only, answered for
-     sequences whose thm/tof are null (half of the hidden test), and full-sensor;
-  5. saves models, config, feature version, library versions and out-of-fold predictions;
-  6. answers the test set through ``kaggle_evaluation`` when it is importable, else through a built-in
+  4. cross-validates three model families (StratifiedGroupKFold by subject), each in two variants: IMU-only,
+     answered for sequences whose thm/tof are null (half of the hidden test), and full-sensor. LightGBM on
+     the aggregates; a Torch TimeSeriesNet and a Keras model (keras.ops only) on padded frame features from
+     a Parquet store + LRU cache, with early stopping, gradient accumulation, an OOM fallback and mixed
+     precision decided by the device;
+  5. searches ensemble weights per route on out-of-fold probabilities (kept only when they beat equal
+     weights out of fold) and measures a per-subject assignment on a replay of the gateway;
+  6. saves models, config, feature version, library versions, out-of-fold predictions and a summary table;
+  7. answers the test set through ``kaggle_evaluation`` when it is importable, else through a built-in
      loop that behaves like the gateway (one sequence at a time, random order) and writes submission.csv.
 
 Run ``python train_infer.py --help`` for the flags; every environment variable is listed in the README.
@@ -197,7 +202,7 @@ class LGBMConfig:
 
 @dataclass
 class EnsembleConfig:
-    """How the families' probabilities are combined (filled by issue [5/5])."""
+    """How the families' probabilities are combined: weight search per route, per-subject assignment."""
     TRIALS: int = field(default_factory=lambda: env_int("ENSEMBLE_TRIALS", 1024, minimum=1))        # weight-search trials; the notes (6-6) found 4096 too slow
     PER_SUBJECT: bool | None = field(default_factory=lambda: env_bool("ENSEMBLE_PER_SUBJECT", None))  # per-subject assignment; None = on if it helps OOF
 
@@ -2137,6 +2142,181 @@ def train_keras(cache: FrameFeatureCache, sequences: pl.DataFrame, folds: np.nda
 
 
 # ╔══════════════════════════════════════════════════════════════════════════════════════════════╗
+# ║ Ensemble: weight search on out-of-fold probabilities, per-subject assignment                 ║
+# ╚══════════════════════════════════════════════════════════════════════════════════════════════╝
+
+N_TARGETS = len(TARGET_GESTURES)        # class indices 0..7 are the targets, 8..17 the non-targets
+
+
+def fast_competition_score(labels: np.ndarray, predicted: np.ndarray) -> float:
+    """competition_score on class indices with numpy counts: the same number (tested), ~100x faster, for
+    searches that score thousands of candidates."""
+    labels, predicted = np.asarray(labels), np.asarray(predicted)
+    is_target, said_target = labels < N_TARGETS, predicted < N_TARGETS
+    tp = np.sum(is_target & said_target)
+    wrong = np.sum(is_target != said_target)
+    binary = 2 * tp / (2 * tp + wrong) if tp else 0.0
+    collapsed = np.minimum(labels, N_TARGETS) * (N_TARGETS + 1) + np.minimum(predicted, N_TARGETS)
+    counts = np.bincount(collapsed, minlength=(N_TARGETS + 1) ** 2).reshape(N_TARGETS + 1, N_TARGETS + 1)
+    support, guessed = counts.sum(axis=1), counts.sum(axis=0)
+    present = (support + guessed) > 0                      # sklearn: labels in the truth or the predictions
+    f1 = np.divide(2 * np.diag(counts), support + guessed, out=np.zeros(N_TARGETS + 1), where=present)
+    return float(0.5 * binary + 0.5 * f1[present].mean())
+
+
+def blend(probs: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """(K, N, C) family probabilities and K weights -> (N, C) weighted mean."""
+    return np.tensordot(np.asarray(weights, dtype=np.float64) / np.sum(weights), probs, axes=1)
+
+
+def optimize_ensemble_weights(oof_probs: np.ndarray, y: np.ndarray, trials: int = 1024, seed: int = 0
+                              ) -> tuple[np.ndarray, float]:
+    """Weights for K families maximising the competition score of argmax(sum_k w_k p_k) on out-of-fold
+    probabilities (K, N, C). Candidates: equal weights, each family alone, then ``trials`` draws from a flat
+    Dirichlet; the first best wins, so equal weights are kept unless something beats them. Deterministic
+    given the seed. Returns (weights summing to 1, score)."""
+    k = oof_probs.shape[0]
+    rng = np.random.default_rng(seed)
+    candidates = np.vstack([np.full((1, k), 1.0 / k), np.eye(k), rng.dirichlet(np.ones(k), size=trials)])
+    best_weights, best_score = candidates[0], -1.0
+    for weights in candidates:
+        score = fast_competition_score(y, blend(oof_probs, weights).argmax(axis=1))
+        if score > best_score + 1e-12:
+            best_weights, best_score = weights, score
+    return best_weights / best_weights.sum(), best_score
+
+
+def nested_ensemble_predictions(oof_probs: np.ndarray, y: np.ndarray, folds: np.ndarray, trials: int, seed: int
+                                ) -> np.ndarray:
+    """An honest estimate of what the weight search buys: for each fold, weights searched on the other
+    folds' out-of-fold probabilities, applied to this fold; returns those held-out predictions."""
+    predicted = np.empty(len(y), dtype=np.int64)
+    for fold in np.unique(folds):
+        held_out = folds == fold
+        weights, _ = optimize_ensemble_weights(oof_probs[:, ~held_out], y[~held_out], trials, seed + int(fold))
+        predicted[held_out] = blend(oof_probs[:, held_out], weights).argmax(axis=1)
+    return predicted
+
+
+@dataclass
+class RouteEnsemble:
+    """One route's ensemble: which families, their weights, and the out-of-fold figures behind them."""
+    route: str
+    families: list[str]
+    weights: list[float]
+    family_scores: dict[str, float]
+    equal_score: float
+    searched_score: float             # weights searched on all folds, scored on the same folds (optimistic)
+    nested_score: float               # weights searched without the fold they are scored on (honest)
+    used: str                         # "searched" or "equal"
+    honest: Score | None = None       # the used method's held-out score, with BinF1 / MacroF1
+    n_scored: int = 0
+
+
+def build_route_ensemble(route: str, results: list[FamilyResult], y: np.ndarray, folds: np.ndarray,
+                         trials: int, seed: int) -> RouteEnsemble | None:
+    """Search the weights of one route's families. Overfitting guard: the searched weights are used only
+    when the nested (fold-held-out) score beats equal weights; otherwise the families are averaged."""
+    members = [r for r in results if r.variant == route]
+    if not members:
+        return None
+    mask = members[0].eval_mask.copy()
+    for r in members[1:]:
+        mask &= r.eval_mask
+    probs = np.stack([r.oof_probs[mask] for r in members])
+    labels, fold_ids = y[mask], folds[mask]
+    family_scores = {r.family: fast_competition_score(labels, p.argmax(axis=1)) for r, p in zip(members, probs)}
+    equal = fast_competition_score(labels, probs.mean(axis=0).argmax(axis=1))
+    weights, searched = optimize_ensemble_weights(probs, labels, trials, seed)
+    equal_predicted = probs.mean(axis=0).argmax(axis=1)
+    nested_predicted = (nested_ensemble_predictions(probs, labels, fold_ids, trials, seed) if len(members) > 1
+                        else equal_predicted)
+    nested = fast_competition_score(labels, nested_predicted)
+    used = "searched" if nested > equal else "equal"
+    if used == "equal":
+        weights = np.full(len(members), 1.0 / len(members))
+    honest = competition_score([GESTURES[i] for i in labels], [GESTURES[i] for i in (
+        nested_predicted if used == "searched" else equal_predicted)])
+    ensemble = RouteEnsemble(route, [r.family for r in members], [round(float(w), 6) for w in weights],
+                             family_scores, equal, searched, nested, used, honest, int(mask.sum()))
+    LOG.info("Ensemble %-4s | families %s | equal weights %.4f | searched %.4f (in-sample) | nested %.4f | "
+             "using %s weights %s", route, {f: round(s, 4) for f, s in family_scores.items()}, equal, searched,
+             nested, used, dict(zip(ensemble.families, ensemble.weights)))
+    return ensemble
+
+
+def ensemble_oof_probs(route_ensembles: dict[str, RouteEnsemble], results: list[FamilyResult]
+                       ) -> dict[str, np.ndarray]:
+    """Per route, the blended out-of-fold probabilities (N, C) with the chosen weights (NaN where unscored)."""
+    out = {}
+    for route, ensemble in route_ensembles.items():
+        members = {r.family: r for r in results if r.variant == route}
+        probs = np.stack([members[f].oof_probs for f in ensemble.families])
+        out[route] = blend(probs, np.asarray(ensemble.weights))
+    return out
+
+
+def subject_quota(sequences: pl.DataFrame) -> dict[str, int]:
+    """How many times one subject performs each gesture at most (the training data's per-subject maximum):
+    the capacities of the per-subject assignment. DATA.md: each subject performs each gesture/orientation
+    combination about once."""
+    counts = sequences.group_by("subject", "gesture").len()
+    most = dict(counts.group_by("gesture").agg(pl.col("len").max()).iter_rows())
+    return {g: int(most.get(g, 1)) for g in GESTURES}
+
+
+def assign_within_subject(history: np.ndarray, quota: np.ndarray) -> int:
+    """The gesture of the LAST row of ``history`` (n x C probabilities of one subject's sequences so far)
+    under a joint assignment of all n rows in which gesture c takes at most quota[c] rows, maximising the
+    sum of log-probabilities (linear_sum_assignment over quota-many slots per gesture). With few rows no
+    quota binds and the answer is the plain argmax."""
+    from scipy.optimize import linear_sum_assignment
+    n = history.shape[0]
+    if n <= 1:
+        return int(history[-1].argmax())
+    slots = np.repeat(np.arange(history.shape[1]), np.maximum(quota, 1))
+    if len(slots) < n:                                     # more sequences than the quotas allow: relax evenly
+        slots = np.concatenate([slots, np.tile(np.arange(history.shape[1]), -(-(n - len(slots)) // history.shape[1]))])
+    cost = -np.log(np.clip(history, 1e-9, 1.0))[:, slots]
+    rows, cols = linear_sum_assignment(cost)
+    return int(slots[cols[rows == n - 1][0]])
+
+
+def simulate_per_subject(probs: np.ndarray, y: np.ndarray, subjects: np.ndarray, quota: np.ndarray,
+                         seed: int) -> tuple[float, float]:
+    """Replay the gateway on out-of-fold probabilities: every subject's sequences arrive in a random order
+    (interleaving does not matter: state is per subject), each answered once, irrevocably. Returns
+    (score of the plain argmax, score with the per-subject assignment)."""
+    rng = np.random.default_rng(seed)
+    answers = probs.argmax(axis=1)
+    assigned = answers.copy()
+    for subject in np.unique(subjects):
+        order = rng.permutation(np.where(subjects == subject)[0])
+        for i in range(len(order)):
+            assigned[order[i]] = assign_within_subject(probs[order[: i + 1]], quota)
+    return fast_competition_score(y, answers), fast_competition_score(y, assigned)
+
+
+class SubjectAssigner:
+    """predict()'s per-subject state: the probabilities of each subject's earlier sequences, so a new answer
+    is assigned jointly with them (assign_within_subject). Thread-safe; one per loaded predictor, so a new
+    run (configure_inference) starts empty."""
+
+    def __init__(self, quota: dict[str, int]) -> None:
+        self.quota = np.array([quota.get(g, 1) for g in GESTURES])
+        self.history: dict[str, list[np.ndarray]] = {}
+        self.lock = threading.Lock()
+
+    def answer(self, subject: str | None, probs: np.ndarray) -> int:
+        if subject is None:                                  # no subject id: nothing to assign against
+            return int(probs.argmax())
+        with self.lock:
+            rows = self.history.setdefault(subject, [])
+            rows.append(np.asarray(probs, dtype=np.float64))
+            return assign_within_subject(np.vstack(rows), self.quota)
+
+
+# ╔══════════════════════════════════════════════════════════════════════════════════════════════╗
 # ║ Artifacts: everything predict() needs, written atomically, manifest last                     ║
 # ╚══════════════════════════════════════════════════════════════════════════════════════════════╝
 
@@ -2226,6 +2406,15 @@ class GesturePredictor:
                         self.model_dir, self.manifest.get("feature_version"), current)
         self.defaults = {k: float(v) for k, v in self.manifest.get("demographic_defaults", {}).items()}
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="predict")
+        # {route: {family: weight}} from the training run's weight search; missing = equal weights.
+        self.weights = {route: dict(zip(e["families"], e["weights"]))
+                        for route, e in self.manifest.get("ensemble", {}).items()}
+        per_subject = self.manifest.get("per_subject", {})
+        enabled = env_bool("ENSEMBLE_PER_SUBJECT", None)
+        enabled = bool(per_subject.get("enabled", False)) if enabled is None else enabled
+        self.assigner = SubjectAssigner(per_subject.get("quota", {g: 8 for g in GESTURES})) if enabled else None
+        LOG.info("Ensemble weights %s; per-subject assignment %s", self.weights or "equal",
+                 "on" if self.assigner else "off")
         # {variant: [(family, loaded family)]}: a family that fails to load is skipped, with a warning.
         self.models: dict[str, list[tuple[str, Any]]] = {v: [] for v in VARIANTS}
         for family, variants in self.manifest.get("families", {}).items():
@@ -2325,13 +2514,38 @@ class GesturePredictor:
         left = np.full(raw.shape[0], demo["handedness"] == 0) if self.mirror else None
         values = frame_feature_matrix(raw, starts, left)        # the same frames training used
         inputs = SequenceInputs(values, demo)
-        families = [family for _, family in self.models[variant]]
+        entries = self.models[variant]
         # The families run side by side: polars, LightGBM, Torch and TensorFlow release the GIL in their
         # kernels, so on 2 cores the calls overlap (p50 -5 to -10 ms with three families, measured).
-        futures = [self._pool.submit(family.predict, inputs) for family in families[1:]]
-        probs = [families[0].predict(inputs)] + [future.result() for future in futures]
-        # Until the ensemble's weight search ([5/5]): the families' probabilities, averaged.
-        return np.mean(probs, axis=0), variant
+        futures = [self._pool.submit(family.predict, inputs) for _, family in entries[1:]]
+        outcomes: list[tuple[str, Any]] = []
+        for (name, family), future in zip(entries, [None] + futures):
+            try:
+                probs = family.predict(inputs) if future is None else future.result()
+                if probs.shape != (len(GESTURES),) or not np.all(np.isfinite(probs)):
+                    raise ValueError(f"probabilities of shape {probs.shape}, finite: {np.isfinite(probs).all()}")
+                outcomes.append((name, probs))
+            except Exception as exc:                      # leave the family out, renormalise the rest
+                self.warnings.warn(f"family_{name}", f"{name}/{variant} failed on this sequence and is left out "
+                                                     f"({type(exc).__name__}: {exc})")
+        if not outcomes:
+            raise RuntimeError(f"every model family of the {variant} route failed on this sequence")
+        weights = np.array([self.weights.get(variant, {}).get(name, 1.0) for name, _ in outcomes])
+        if weights.sum() <= 0:
+            weights = np.ones(len(outcomes))
+        return blend(np.stack([p for _, p in outcomes]), weights), variant
+
+    def answer(self, sequence: pl.DataFrame, probs: np.ndarray) -> int:
+        """The gesture index: the argmax, or the per-subject assignment when it is on."""
+        if self.assigner is None:
+            return int(np.argmax(probs))
+        try:
+            subject = sequence["subject"][0] if "subject" in sequence.columns and sequence.height else None
+            return self.assigner.answer(None if subject is None else str(subject), probs)
+        except Exception as exc:                            # never worse than the plain answer
+            self.warnings.warn("per_subject", f"per-subject assignment failed ({type(exc).__name__}: {exc}); "
+                                              "answering the argmax")
+            return int(np.argmax(probs))
 
 
 class SequenceInputs:
@@ -2518,10 +2732,11 @@ def predict(sequence: pl.DataFrame, demographics: pl.DataFrame) -> str:
     answers DEFAULT_GESTURE, because one exception here fails a whole submission.
     """
     try:
-        probs, _ = _get_predictor().predict_proba(sequence, demographics)
+        predictor = _get_predictor()
+        probs, _ = predictor.predict_proba(sequence, demographics)
         if not np.all(np.isfinite(probs)):
             raise ValueError("model probabilities are not finite")
-        return GESTURES[int(np.argmax(probs))]
+        return GESTURES[predictor.answer(sequence, probs)]
     except Exception as exc:
         _PREDICTOR_STATE["warnings"].warn("fallback", f"answering {DEFAULT_GESTURE!r} after "
                                                       f"{type(exc).__name__}: {exc}")
@@ -2630,6 +2845,101 @@ class StageTimer:
         LOG.info("── %s done in %.1f s", name, self.seconds[name])
 
 
+def evaluate_per_subject(ensembles: dict[str, RouteEnsemble], results: list[FamilyResult], sequences: pl.DataFrame,
+                         setting: bool | None, seed: int, orders: int = 3) -> dict[str, Any]:
+    """Measure the per-subject assignment on out-of-fold data the way the test looks: half the sequences
+    (and every one without thm/tof) answered by the IMU-only route, the rest by the full route; each
+    subject's sequences in a random order, `orders` orders averaged. ENSEMBLE_PER_SUBJECT unset: on when
+    the mean gain is positive. Also returns the final out-of-fold answers (for the confusion matrix)."""
+    blended = ensemble_oof_probs(ensembles, results)
+    rng = np.random.default_rng(seed)
+    has_full = sequences["has_thm_tof"].to_numpy() & ("full" in blended)
+    use_full = has_full & (rng.random(sequences.height) < 0.5)
+    route_probs = blended.get("imu", blended.get("full"))
+    probs = np.where(use_full[:, None], blended["full"], route_probs) if "full" in blended else route_probs
+    mask = np.isfinite(probs).all(axis=1)
+    y = sequences["label"].to_numpy()[mask]
+    subjects = sequences["subject"].to_numpy()[mask]
+    quota = subject_quota(sequences)
+    quota_array = np.array([quota[g] for g in GESTURES])
+    runs = [simulate_per_subject(probs[mask], y, subjects, quota_array, seed + i) for i in range(orders)]
+    plain, assigned = float(np.mean([r[0] for r in runs])), float(np.mean([r[1] for r in runs]))
+    enabled = (assigned > plain) if setting is None else setting
+    LOG.info("Per-subject assignment, test-like mix (%d%% IMU-only), %d random gateway orders: %.4f -> %.4f (%+.4f): "
+             "%s (%s)", round(100 * (1 - use_full[mask].mean())), orders, plain, assigned, assigned - plain,
+             "on" if enabled else "off", "ENSEMBLE_PER_SUBJECT" if setting is not None else "auto: on if it helps")
+    final = probs[mask].argmax(axis=1)
+    if enabled:                                             # the answers predict() would give, one order
+        final = np.empty(len(y), dtype=np.int64)
+        order_rng = np.random.default_rng(seed)
+        for subject in np.unique(subjects):
+            order = order_rng.permutation(np.where(subjects == subject)[0])
+            for i in range(len(order)):
+                final[order[i]] = assign_within_subject(probs[mask][order[: i + 1]], quota_array)
+    return {"enabled": bool(enabled), "plain_score": round(plain, 4), "assigned_score": round(assigned, 4),
+            "gain": round(assigned - plain, 4), "orders": orders, "quota": quota,
+            "imu_share": round(float(1 - use_full[mask].mean()), 3), "n_scored": int(mask.sum()),
+            "final_predictions": final, "mask": mask}
+
+
+def save_confusion_matrix(model_dir: Path, y: np.ndarray, predicted: np.ndarray, mask: np.ndarray) -> None:
+    """The ensemble's out-of-fold confusion matrix as CSV, and as a picture when matplotlib is installed."""
+    counts = np.zeros((len(GESTURES), len(GESTURES)), dtype=np.int64)
+    np.add.at(counts, (y[mask], predicted), 1)
+    table = pl.DataFrame({"true_gesture": list(GESTURES)} | {g: counts[:, j] for j, g in enumerate(GESTURES)})
+    _atomic_write(model_dir / "confusion_matrix.csv", lambda tmp: table.write_csv(tmp))
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        LOG.info("matplotlib is not installed: confusion_matrix.png skipped (confusion_matrix.csv has the counts)")
+        return
+    fig, ax = plt.subplots(figsize=(11, 9))
+    shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(GESTURES)), GESTURES, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(GESTURES)), GESTURES, fontsize=7)
+    for i, j in zip(*np.nonzero(counts)):
+        ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=6,
+                color="white" if shares[i, j] > 0.5 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title("Ensemble, out-of-fold (test-like route mix)")
+    fig.tight_layout()
+    _atomic_write(model_dir / "confusion_matrix.png", lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+
+
+def summary_table(results: list[FamilyResult], failed: list[dict[str, Any]], ensembles: dict[str, RouteEnsemble],
+                  per_subject: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per family and route, failed families, then the ensemble rows (summary.csv)."""
+    rows = [{"family": r.family, "route": r.variant, "n_scored": int(r.eval_mask.sum()),
+             "oof_score": round(r.overall.score, 4), "binary_f1": round(r.overall.binary_f1, 4),
+             "macro_f1": round(r.overall.macro_f1, 4),
+             "mean_best_iteration": round(float(np.mean([m["best_iteration"] for m in r.fold_metrics])), 1),
+             "train_seconds": round(r.seconds, 1), "note": ""} for r in results]
+    rows += [{"family": f["family"], "route": f["route"], "n_scored": 0, "oof_score": None, "binary_f1": None,
+              "macro_f1": None, "mean_best_iteration": None, "train_seconds": None, "note": f"FAILED: {f['error']}"}
+             for f in failed]
+    for route, e in ensembles.items():
+        rows.append({"family": "ensemble", "route": route, "n_scored": e.n_scored, "oof_score": round(e.honest.score, 4),
+                     "binary_f1": round(e.honest.binary_f1, 4), "macro_f1": round(e.honest.macro_f1, 4),
+                     "mean_best_iteration": None, "train_seconds": None,
+                     "note": f"{e.used} weights {dict(zip(e.families, e.weights))}; equal {e.equal_score:.4f}, "
+                             f"searched in-sample {e.searched_score:.4f}, nested {e.nested_score:.4f}"})
+    rows.append({"family": "ensemble", "route": "mixed", "n_scored": per_subject["n_scored"],
+                 "oof_score": per_subject["plain_score"], "binary_f1": None, "macro_f1": None,
+                 "mean_best_iteration": None, "train_seconds": None,
+                 "note": f"test-like mix, {per_subject['imu_share']:.0%} IMU-only"})
+    rows.append({"family": "per-subject", "route": "mixed", "n_scored": per_subject["n_scored"],
+                 "oof_score": per_subject["assigned_score"], "binary_f1": None, "macro_f1": None,
+                 "mean_best_iteration": None, "train_seconds": None,
+                 "note": f"gain {per_subject['gain']:+.4f} over {per_subject['orders']} random orders; "
+                         f"{'on' if per_subject['enabled'] else 'off'}"})
+    return rows
+
+
 def train_all(train: pl.DataFrame, settings: Settings, model_dir: Path, timer: StageTimer,
               synthetic: bool) -> dict[str, Any]:
     """Features, folds, every enabled family in both variants, artifacts; returns the summary rows."""
@@ -2653,42 +2963,62 @@ def train_all(train: pl.DataFrame, settings: Settings, model_dir: Path, timer: S
     lengths = train.group_by("sequence_id", maintain_order=True).len()["len"].to_numpy()
     with timer("frame + aggregate features"):
         features = build_feature_table(train, cfg.MIRROR_LEFT_HANDED)
-    results: list[FamilyResult] = []
-    if cfg.RUN_LGBM_TRAINING:
-        for variant in VARIANTS:
-            with timer(f"lgbm {variant}"):
-                results.append(train_lgbm(features, sequences, folds, variant, settings.lgbm, cfg.SEED, model_dir))
-    if cfg.RUN_TORCH_TRAINING:
-        runtime = torch_runtime()
-        for variant in VARIANTS:
-            with timer(f"torch {variant}"):
-                results.append(train_torch(cache, sequences, lengths, folds, variant, settings.dl, cfg.SEED, model_dir,
-                                           runtime))
-    if cfg.RUN_KERAS_TRAINING:
-        for variant in VARIANTS:
-            with timer(f"keras {variant}"):
-                results.append(train_keras(cache, sequences, folds, variant, settings.keras, settings.keras_speed,
-                                           cfg.SEED, model_dir))
-    if not results:
+    trainers: list[tuple[str, str, Callable[[], FamilyResult]]] = []
+    for variant in VARIANTS:
+        if cfg.RUN_LGBM_TRAINING:
+            trainers.append(("lgbm", variant, functools.partial(train_lgbm, features, sequences, folds, variant,
+                                                                settings.lgbm, cfg.SEED, model_dir)))
+    for variant in VARIANTS:
+        if cfg.RUN_TORCH_TRAINING:
+            trainers.append(("torch", variant, functools.partial(train_torch, cache, sequences, lengths, folds, variant,
+                                                                 settings.dl, cfg.SEED, model_dir)))
+    for variant in VARIANTS:
+        if cfg.RUN_KERAS_TRAINING:
+            trainers.append(("keras", variant, functools.partial(train_keras, cache, sequences, folds, variant,
+                                                                 settings.keras, settings.keras_speed, cfg.SEED,
+                                                                 model_dir)))
+    if not trainers:
         raise ConfigError("every model family is switched off (RUN_LGBM_TRAINING=0 ...): nothing to train")
+    results: list[FamilyResult] = []
+    failed: list[dict[str, Any]] = []
+    for family, variant, train_family in trainers:
+        with timer(f"{family} {variant}"):
+            try:
+                results.append(train_family())
+            except ConfigError:
+                raise
+            except Exception as exc:
+                # One family failing (a library missing, a GPU error) must not cost the others' hours: it is
+                # logged with its traceback, left out of the ensemble and listed in the summary.
+                LOG.exception("%s %s failed to train; the other families go on without it", family, variant)
+                failed.append({"family": family, "route": variant, "error": f"{type(exc).__name__}: {exc}"[:300]})
+    if not results:
+        raise RuntimeError(f"every model family failed to train: {failed}")
     fold_rows = [row for r in results for row in r.fold_metrics]
     _atomic_write(model_dir / "fold_metrics.csv", lambda tmp: pl.DataFrame(fold_rows).write_csv(tmp))
     epoch_rows = [row for r in results for row in r.epoch_log]
     if epoch_rows:                                          # the per-epoch log table, as a CSV
         _atomic_write(model_dir / "epoch_log.csv", lambda tmp: pl.DataFrame(epoch_rows).write_csv(tmp))
     save_oof_predictions(model_dir / "oof_predictions.parquet", sequences, folds, results)
-    summary_rows = [{"family": r.family, "route": r.variant, "n_scored": int(r.eval_mask.sum()),
-                     "oof_score": round(r.overall.score, 4), "binary_f1": round(r.overall.binary_f1, 4),
-                     "macro_f1": round(r.overall.macro_f1, 4),
-                     "mean_best_iteration": round(float(np.mean([m["best_iteration"] for m in r.fold_metrics])), 1),
-                     "train_seconds": round(r.seconds, 1)} for r in results]
+    y = sequences["label"].to_numpy()
+    with timer("ensemble"):
+        ensembles = {route: e for route in VARIANTS
+                     if (e := build_route_ensemble(route, results, y, folds, settings.ensemble.TRIALS, cfg.SEED))}
+        per_subject = evaluate_per_subject(ensembles, results, sequences, settings.ensemble.PER_SUBJECT, cfg.SEED)
+        save_confusion_matrix(model_dir, y, per_subject.pop("final_predictions"), per_subject["mask"])
+        per_subject.pop("mask")
+    summary_rows = summary_table(results, failed, ensembles, per_subject)
     _atomic_write(model_dir / "summary.csv", lambda tmp: pl.DataFrame(summary_rows).write_csv(tmp))
     demographic_defaults = {c: float(train.group_by("subject").agg(pl.col(c).first())[c].median() or 0.0)
                             for c in DEMOGRAPHIC_FEATURES}
     demographic_defaults["handedness"] = 1.0                 # unknown subject: assume the common right hand
     write_artifact_manifest(model_dir, settings, results, demographic_defaults,
-                            {"synthetic_data": synthetic, "n_sequences": sequences.height})
-    return {"summary": summary_rows, "folds": fold_rows}
+                            {"synthetic_data": synthetic, "n_sequences": sequences.height,
+                             "ensemble": {route: dataclasses.asdict(e) for route, e in ensembles.items()},
+                             "per_subject": per_subject, "failed_families": failed})
+    return {"summary": summary_rows, "folds": fold_rows, "ensemble": {r: dataclasses.asdict(e)
+                                                                     for r, e in ensembles.items()},
+            "per_subject": per_subject, "failed_families": failed}
 
 
 def log_run_summary(result: dict[str, Any]) -> None:
@@ -2696,12 +3026,16 @@ def log_run_summary(result: dict[str, Any]) -> None:
     synthetic = " -- SYNTHETIC DATA, not competition scores" if result.get("synthetic") else ""
     if result.get("summary"):
         LOG.info("Summary (out-of-fold; route imu = all sequences, full = sequences with thm/tof)%s", synthetic)
-        widths = (8, 6, 9, 9, 8, 9, 10, 9)
+        widths = (11, 6, 9, 9, 8, 9, 10, 9)
         LOG.info(log_table_row(("family", "route", "n_scored", "oof", "BinF1", "MacroF1", "best_iter", "secs"), widths))
+        def cell(value, fmt: str = "") -> Any:
+            return "-" if value is None else (format(value, fmt) if fmt else value)
+
         for row in result["summary"]:
-            LOG.info(log_table_row((row["family"], row["route"], row["n_scored"], row["oof_score"], row["binary_f1"],
-                                    row["macro_f1"], f"{row['mean_best_iteration']:.1f}",
-                                    f"{row['train_seconds']:.1f}"), widths))
+            LOG.info(log_table_row((row["family"], row["route"], row["n_scored"], cell(row["oof_score"]),
+                                    cell(row["binary_f1"]), cell(row["macro_f1"]),
+                                    cell(row["mean_best_iteration"], ".1f"), cell(row["train_seconds"], ".1f")),
+                                   widths) + (f"  {row['note']}" if row.get("note") else ""))
     for route, s in result.get("inference", {}).get("synthetic_test", {}).items():
         LOG.info("Synthetic hold-out test, %-11s %4d sequences: score %.4f (BinF1 %.4f, MacroF1 %.4f)%s",
                  route, s["n"], s["score"], s["binary_f1"], s["macro_f1"], synthetic)

@@ -13,7 +13,7 @@ import pytest
 keras = pytest.importorskip("keras")
 
 import train_infer as ti  # noqa: E402
-from conftest import ROOT, script_env  # noqa: E402
+from conftest import ROOT  # noqa: E402
 
 
 def _attention_output(fill_value):
@@ -105,16 +105,6 @@ def test_model_trains_one_step_under_the_torch_backend(tmp_path):
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.startswith("ok")
-
-
-@pytest.fixture(scope="module")
-def all_families_run(tiny_data, tmp_path_factory):
-    """The default run (every family on), one epoch, two folds, small batches: the shape of the real thing."""
-    out = tmp_path_factory.mktemp("all_families")
-    with script_env(DL_EPOCHS="1", KERAS_EPOCHS="2", DL_BATCH_SIZE="64", KERAS_BATCH_SIZE="64",
-                    LGBM_N_ESTIMATORS="20", LGBM_ES_ROUNDS="5"):
-        result = ti.main(["--data-dir", str(tiny_data), "--output-dir", str(out), "--folds", "2"])
-    return out, result
 
 
 def test_default_run_trains_saves_and_predicts_with_all_three_families(all_families_run, tiny_data):

@@ -1,0 +1,169 @@
+"""Ensemble and inference: the fast metric, the weight search and its guard, failed families, per-subject
+assignment across calls, and the training summary."""
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+
+import train_infer as ti
+from conftest import script_env
+
+
+def test_fast_score_equals_the_official_metric():
+    rng = np.random.default_rng(0)
+    for n, classes in [(50, 18), (200, 18), (30, 5), (40, 12), (1, 18)]:
+        labels = rng.integers(0, classes, n)
+        predicted = rng.integers(0, classes, n)
+        exact = ti.competition_score([ti.GESTURES[i] for i in labels], [ti.GESTURES[i] for i in predicted])
+        assert ti.fast_competition_score(labels, predicted) == pytest.approx(exact.score, abs=1e-12)
+    only_non_targets = np.array([9, 10, 11])
+    names = [ti.GESTURES[i] for i in only_non_targets]
+    assert ti.fast_competition_score(only_non_targets, only_non_targets) == pytest.approx(
+        ti.competition_score(names, names).score)
+
+
+def _good_and_overconfident(n=600, seed=0):
+    """Family A is right 80% of the time with moderate confidence; family B is noise, but confident noise:
+    with equal weights B's 0.95 outvotes A's 0.5, so the right weights (mostly A) score much higher."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 18, n)
+    a = np.full((n, 18), 0.5 / 17)
+    a[np.arange(n), np.where(rng.random(n) < 0.8, y, rng.integers(0, 18, n))] = 0.5
+    b = np.full((n, 18), 0.05 / 17)
+    b[np.arange(n), rng.integers(0, 18, n)] = 0.95
+    return np.stack([a / a.sum(1, keepdims=True), b / b.sum(1, keepdims=True)]), y
+
+
+def test_weight_search_beats_or_equals_equal_weights_and_is_deterministic():
+    probs, y = _good_and_overconfident()
+    equal = ti.fast_competition_score(y, probs.mean(0).argmax(1))
+    weights, score = ti.optimize_ensemble_weights(probs, y, trials=256, seed=1)
+    assert score >= equal and score > equal + 0.01
+    assert weights.sum() == pytest.approx(1.0) and weights[0] > weights[1]
+    again, again_score = ti.optimize_ensemble_weights(probs, y, trials=256, seed=1)
+    np.testing.assert_array_equal(weights, again)
+    assert again_score == score
+    one = probs[:1]                                         # a single family: weight 1, its own score
+    w1, s1 = ti.optimize_ensemble_weights(one, y, trials=16)
+    assert w1.tolist() == [1.0] and s1 == pytest.approx(ti.fast_competition_score(y, one[0].argmax(1)))
+
+
+def _result(family, probs, variant="imu"):
+    return ti.FamilyResult(family, variant, [], [], probs, np.ones(len(probs), bool), [{"best_iteration": 1}], 0.0,
+                           None)
+
+
+def test_route_ensemble_uses_searched_weights_only_when_they_hold_out_of_fold():
+    probs, y = _good_and_overconfident(n=900)
+    folds = np.arange(len(y)) % 3
+    ensemble = ti.build_route_ensemble("imu", [_result("a", probs[0]), _result("b", probs[1])], y, folds, 128, 0)
+    assert ensemble.used == "searched" and ensemble.nested_score > ensemble.equal_score
+    assert ensemble.searched_score >= ensemble.nested_score - 1e-9     # in-sample is the optimistic one
+    rng = np.random.default_rng(5)
+    noise = [_result(f, rng.dirichlet(np.ones(18), len(y))) for f in ("x", "y", "z")]
+    guarded = ti.build_route_ensemble("imu", noise, y, folds, 128, 0)
+    if guarded.used == "equal":                             # the guard fell back: weights are equal
+        assert guarded.weights == pytest.approx([1 / 3] * 3, abs=1e-6)
+    assert guarded.honest.score == pytest.approx(
+        guarded.nested_score if guarded.used == "searched" else guarded.equal_score)
+
+
+def test_assignment_respects_the_quota_and_is_plain_argmax_when_nothing_binds():
+    quota = np.full(18, 2)
+    quota[0] = 1
+    history = np.full((1, 18), 0.01)
+    history[0, 0], history[0, 1] = 0.6, 0.3
+    assert ti.assign_within_subject(history, quota) == 0
+    # A second sequence that also looks like gesture 0, but less so: gesture 0 has room for one.
+    second = np.full(18, 0.01)
+    second[0], second[2] = 0.5, 0.4
+    assert ti.assign_within_subject(np.vstack([history, second]), quota) == 2
+    many = np.tile(history, (40, 1))                        # more sequences than all quotas: still an answer
+    assert 0 <= ti.assign_within_subject(many, quota) < 18
+
+
+def test_per_subject_state_survives_random_order_and_is_per_subject():
+    assigner = ti.SubjectAssigner({g: (1 if g == ti.GESTURES[0] else 3) for g in ti.GESTURES})
+    looks_like_0 = np.full(18, 0.01)
+    looks_like_0[0], looks_like_0[5] = 0.7, 0.2
+    answers = [assigner.answer(s, looks_like_0) for s in ["S1", "S2", "S1", "S2", "S1"]]
+    assert answers == [0, 0, 5, 5, 5]                       # each subject's quota of gesture 0 is its own
+    assert assigner.answer(None, looks_like_0) == 0         # no subject id: plain argmax
+
+
+def test_simulation_measures_a_gain_on_confusable_pairs():
+    rng = np.random.default_rng(0)
+    subjects = np.repeat(np.arange(6), 16)
+    y = np.tile(np.repeat([0, 1], 8), 6)                    # each subject: 8 x gesture 0, 8 x gesture 1
+    probs = np.full((len(y), 18), 0.001)
+    probs[:, 0] = 0.5 + rng.normal(0, 0.02, len(y)) + 0.03 * (y == 0)   # the model leans to gesture 0 ...
+    probs[:, 1] = 0.45 + 0.03 * (y == 1)                     # ... but ranks the sequences right
+    quota = np.full(18, 8)
+    plain, assigned = ti.simulate_per_subject(probs, y, subjects, quota, seed=0)
+    assert assigned > plain
+
+
+def test_a_family_that_fails_at_predict_time_is_left_out(all_families_run, tiny_data, monkeypatch, warnings_seen):
+    ti.configure_inference(all_families_run[0])
+    predictor = ti._get_predictor()
+    keras_family = dict(predictor.models["full"])["keras"]
+
+    def broken(inputs):
+        raise RuntimeError("GPU fell off the bus (injected)")
+
+    monkeypatch.setattr(keras_family, "predict", broken)
+    test = pl.read_csv(tiny_data / "test.csv")
+    demographics = pl.read_csv(tiny_data / "test_demographics.csv")
+    answered = [ti.predict(seq, demo) for _, seq, demo in list(ti._gateway_sequences(test, demographics, 2))[:20]]
+    assert set(answered) <= set(ti.GESTURES)
+    counts = ti._PREDICTOR_STATE["warnings"].counts
+    assert counts.get("family_keras", 0) > 0 and counts.get("fallback", 0) == 0
+    assert "left out" in warnings_seen.text
+    ti.configure_inference(None)
+
+
+def test_training_summary_and_ensemble_artifacts(all_families_run):
+    out, result = all_families_run
+    summary = pl.read_csv(out / "summary.csv")
+    assert {("ensemble", "imu"), ("ensemble", "full"), ("ensemble", "mixed"), ("per-subject", "mixed")} <= set(
+        zip(summary["family"], summary["route"]))
+    assert {"oof_score", "binary_f1", "macro_f1", "mean_best_iteration", "train_seconds", "note"} <= set(summary.columns)
+    manifest = json.loads((out / "artifacts.json").read_text())
+    for route in ("imu", "full"):
+        ensemble = manifest["ensemble"][route]
+        assert ensemble["families"] == ["lgbm", "torch", "keras"]
+        assert sum(ensemble["weights"]) == pytest.approx(1.0, abs=1e-5)
+    assert isinstance(manifest["per_subject"]["enabled"], bool) and manifest["per_subject"]["quota"]
+    confusion = pl.read_csv(out / "confusion_matrix.csv")
+    assert confusion.height == 18 and confusion.drop("true_gesture").sum().sum_horizontal()[0] == \
+        manifest["per_subject"]["n_scored"]
+
+
+def test_per_subject_state_is_reset_between_runs(all_families_run, tiny_data, monkeypatch):
+    monkeypatch.setenv("ENSEMBLE_PER_SUBJECT", "1")
+    ti.configure_inference(all_families_run[0])
+    first = ti._get_predictor()
+    test = pl.read_csv(tiny_data / "test.csv")
+    demographics = pl.read_csv(tiny_data / "test_demographics.csv")
+    for _, seq, demo in list(ti._gateway_sequences(test, demographics, 4))[:8]:
+        assert ti.predict(seq, demo) in ti.GESTURES
+    assert sum(len(v) for v in first.assigner.history.values()) == 8
+    ti.configure_inference(all_families_run[0])             # a new run: a new predictor, empty state
+    assert ti._get_predictor().assigner.history == {}
+    ti.configure_inference(None)
+
+
+def test_a_family_that_fails_to_train_is_left_out(tiny_data, tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA driver too old (injected)")
+
+    monkeypatch.setattr(ti, "train_torch", broken)
+    with script_env(RUN_KERAS_TRAINING="0", LGBM_N_ESTIMATORS="20", LGBM_ES_ROUNDS="5", ENSEMBLE_TRIALS="16"):
+        result = ti.main(["--data-dir", str(tiny_data), "--output-dir", str(tmp_path), "--folds", "2"])
+    assert [f["family"] for f in result["failed_families"]] == ["torch", "torch"]
+    manifest = json.loads((tmp_path / "artifacts.json").read_text())
+    assert set(manifest["families"]) == {"lgbm"}
+    log = (tmp_path / "train_log.txt").read_text()
+    assert "torch imu failed to train" in log and "CUDA driver too old (injected)" in log
+    assert result["inference"]["warnings"].get("fallback", 0) == 0
