@@ -1812,25 +1812,40 @@ def train_torch(cache: FrameFeatureCache, sequences: pl.DataFrame, lengths: np.n
         _atomic_write(model_dir / relative, lambda tmp, c=checkpoint: torch.save(c, tmp))
         paths.append(relative)
         seconds = time.perf_counter() - fold_start
-        score = result["score"]
-        fold_metrics.append({"family": "torch", "variant": variant, "fold": fold, "n_train": len(train_idx),
-                             "n_valid": int(eval_mask[valid_idx].sum()), "best_iteration": result["epoch"],
-                             "epochs_run": result["epochs_run"], "early_stopped": result["stopped_early"],
-                             "micro_batch": result["micro_batch"],
-                             "effective_batch": result["micro_batch"] * result["accum_steps"],
-                             "binary_f1": score.binary_f1, "macro_f1": score.macro_f1, "score": score.score,
-                             "seconds": round(seconds, 2),
-                             "seconds_per_epoch": round(float(np.mean([h["seconds"] for h in result["history"]])), 3)})
-        LOG.info("%s: best epoch %d of %d (%s), score %.4f (BinF1 %.4f, MacroF1 %.4f), effective batch %d, %.1f s",
-                 label, result["epoch"], result["epochs_run"], "early stop" if result["stopped_early"] else "all epochs",
-                 score.score, score.binary_f1, score.macro_f1, result["micro_batch"] * result["accum_steps"], seconds)
-    eval_mask &= np.isfinite(oof).all(axis=1)               # folds not run (only_folds) are not scored
+        fold_metrics.append(deep_fold_summary("torch", variant, fold, label, len(train_idx),
+                                              int(eval_mask[valid_idx].sum()), result, seconds))
+    return finish_deep_family("torch", variant, y, oof, eval_mask, columns, paths, fold_metrics, epoch_log, started)
+
+
+def deep_fold_summary(family: str, variant: str, fold: int, label: str, n_train: int, n_valid: int,
+                      result: dict[str, Any], seconds: float) -> dict[str, Any]:
+    """A deep model's fold_metrics row (Torch and Keras alike), and its per-fold log line."""
+    score, effective = result["score"], result["micro_batch"] * result["accum_steps"]
+    LOG.info("%s: best epoch %d of %d (%s), score %.4f (BinF1 %.4f, MacroF1 %.4f), effective batch %d, %.1f s",
+             label, result["epoch"], result["epochs_run"], "early stop" if result["stopped_early"] else "all epochs",
+             score.score, score.binary_f1, score.macro_f1, effective, seconds)
+    return {"family": family, "variant": variant, "fold": fold, "n_train": n_train, "n_valid": n_valid,
+            "best_iteration": result["epoch"], "epochs_run": result["epochs_run"],
+            "early_stopped": result["stopped_early"], "micro_batch": result["micro_batch"],
+            "effective_batch": effective, "binary_f1": score.binary_f1, "macro_f1": score.macro_f1,
+            "score": score.score, "seconds": round(seconds, 2),
+            "seconds_per_epoch": round(float(np.mean([h["seconds"] for h in result["history"]])), 3)}
+
+
+def finish_deep_family(family: str, variant: str, y: np.ndarray, oof: np.ndarray, eval_mask: np.ndarray,
+                       columns: list[int], paths: list[str], fold_metrics: list[dict[str, Any]],
+                       epoch_log: list[dict[str, Any]], started: float) -> FamilyResult:
+    """Score a deep family's out-of-fold probabilities (folds not run, see only_folds, are not scored), log
+    the line, and return the FamilyResult."""
+    eval_mask &= np.isfinite(oof).all(axis=1)
     overall = score_probabilities(y[eval_mask], oof[eval_mask])
     oof[~eval_mask] = np.nan
-    LOG.info("Torch %-4s | out-of-fold score %.4f (BinF1 %.4f, MacroF1 %.4f) on %d sequences, %.1f s", variant,
-             overall.score, overall.binary_f1, overall.macro_f1, int(eval_mask.sum()), time.perf_counter() - started)
-    return FamilyResult("torch", variant, paths, [FRAME_FEATURES[i] for i in columns], oof, eval_mask, fold_metrics,
-                        time.perf_counter() - started, overall, epoch_log)
+    seconds = time.perf_counter() - started
+    LOG.info("%s %-4s | out-of-fold score %.4f (BinF1 %.4f, MacroF1 %.4f) on %d sequences, %.1f s",
+             family.capitalize(), variant, overall.score, overall.binary_f1, overall.macro_f1, int(eval_mask.sum()),
+             seconds)
+    return FamilyResult(family, variant, paths, [FRAME_FEATURES[i] for i in columns], oof, eval_mask, fold_metrics,
+                        seconds, overall, epoch_log)
 
 
 # ╔══════════════════════════════════════════════════════════════════════════════════════════════╗
@@ -2074,7 +2089,8 @@ def train_keras_fold(x_train: np.ndarray, m_train: np.ndarray, y_train: np.ndarr
     if stopped:
         LOG.info("%s: Early stopping at epoch %d (best=%.4f at epoch %d)", label, len(history), best["score"].score,
                  best["epoch"])
-    return best | {"epochs_run": len(history), "stopped_early": stopped, "history": history}
+    return best | {"epochs_run": len(history), "stopped_early": stopped, "history": history,
+                   "micro_batch": keras_cfg.BATCH_SIZE, "accum_steps": 1}
 
 
 def train_keras(cache: FrameFeatureCache, sequences: pl.DataFrame, folds: np.ndarray, variant: str,
@@ -2120,25 +2136,9 @@ def train_keras(cache: FrameFeatureCache, sequences: pl.DataFrame, folds: np.nda
             epoch_log += [{"family": "keras", "variant": variant, "fold": fold} | row for row in result["history"]]
             paths.append(f"models/{name}.keras")
             seconds = time.perf_counter() - fold_start
-            score = result["score"]
-            fold_metrics.append({"family": "keras", "variant": variant, "fold": fold, "n_train": len(train_idx),
-                                 "n_valid": int(eval_mask[valid_idx].sum()), "best_iteration": result["epoch"],
-                                 "epochs_run": result["epochs_run"], "early_stopped": result["stopped_early"],
-                                 "micro_batch": keras_cfg.BATCH_SIZE, "effective_batch": keras_cfg.BATCH_SIZE,
-                                 "binary_f1": score.binary_f1, "macro_f1": score.macro_f1, "score": score.score,
-                                 "seconds": round(seconds, 2),
-                                 "seconds_per_epoch": round(float(np.mean([h["seconds"] for h in result["history"]])),
-                                                            3)})
-            LOG.info("%s: best epoch %d of %d (%s), score %.4f (BinF1 %.4f, MacroF1 %.4f), batch %d, %.1f s", label,
-                     result["epoch"], result["epochs_run"], "early stop" if result["stopped_early"] else "all epochs",
-                     score.score, score.binary_f1, score.macro_f1, keras_cfg.BATCH_SIZE, seconds)
-    eval_mask &= np.isfinite(oof).all(axis=1)
-    overall = score_probabilities(y[eval_mask], oof[eval_mask])
-    oof[~eval_mask] = np.nan
-    LOG.info("Keras %-4s | out-of-fold score %.4f (BinF1 %.4f, MacroF1 %.4f) on %d sequences, %.1f s", variant,
-             overall.score, overall.binary_f1, overall.macro_f1, int(eval_mask.sum()), time.perf_counter() - started)
-    return FamilyResult("keras", variant, paths, [FRAME_FEATURES[i] for i in columns], oof, eval_mask, fold_metrics,
-                        time.perf_counter() - started, overall, epoch_log)
+            fold_metrics.append(deep_fold_summary("keras", variant, fold, label, len(train_idx),
+                                                  int(eval_mask[valid_idx].sum()), result, seconds))
+    return finish_deep_family("keras", variant, y, oof, eval_mask, columns, paths, fold_metrics, epoch_log, started)
 
 
 # ╔══════════════════════════════════════════════════════════════════════════════════════════════╗
@@ -2283,10 +2283,10 @@ def assign_within_subject(history: np.ndarray, quota: np.ndarray) -> int:
 
 
 def simulate_per_subject(probs: np.ndarray, y: np.ndarray, subjects: np.ndarray, quota: np.ndarray,
-                         seed: int) -> tuple[float, float]:
+                         seed: int) -> tuple[float, float, np.ndarray]:
     """Replay the gateway on out-of-fold probabilities: every subject's sequences arrive in a random order
     (interleaving does not matter: state is per subject), each answered once, irrevocably. Returns
-    (score of the plain argmax, score with the per-subject assignment)."""
+    (score of the plain argmax, score with the per-subject assignment, the assigned answers)."""
     rng = np.random.default_rng(seed)
     answers = probs.argmax(axis=1)
     assigned = answers.copy()
@@ -2294,7 +2294,7 @@ def simulate_per_subject(probs: np.ndarray, y: np.ndarray, subjects: np.ndarray,
         order = rng.permutation(np.where(subjects == subject)[0])
         for i in range(len(order)):
             assigned[order[i]] = assign_within_subject(probs[order[: i + 1]], quota)
-    return fast_competition_score(y, answers), fast_competition_score(y, assigned)
+    return fast_competition_score(y, answers), fast_competition_score(y, assigned), assigned
 
 
 class SubjectAssigner:
@@ -2868,14 +2868,7 @@ def evaluate_per_subject(ensembles: dict[str, RouteEnsemble], results: list[Fami
     LOG.info("Per-subject assignment, test-like mix (%d%% IMU-only), %d random gateway orders: %.4f -> %.4f (%+.4f): "
              "%s (%s)", round(100 * (1 - use_full[mask].mean())), orders, plain, assigned, assigned - plain,
              "on" if enabled else "off", "ENSEMBLE_PER_SUBJECT" if setting is not None else "auto: on if it helps")
-    final = probs[mask].argmax(axis=1)
-    if enabled:                                             # the answers predict() would give, one order
-        final = np.empty(len(y), dtype=np.int64)
-        order_rng = np.random.default_rng(seed)
-        for subject in np.unique(subjects):
-            order = order_rng.permutation(np.where(subjects == subject)[0])
-            for i in range(len(order)):
-                final[order[i]] = assign_within_subject(probs[mask][order[: i + 1]], quota_array)
+    final = runs[0][2] if enabled else probs[mask].argmax(axis=1)   # the answers predict() would give
     return {"enabled": bool(enabled), "plain_score": round(plain, 4), "assigned_score": round(assigned, 4),
             "gain": round(assigned - plain, 4), "orders": orders, "quota": quota,
             "imu_share": round(float(1 - use_full[mask].mean()), 3), "n_scored": int(mask.sum()),
