@@ -1,35 +1,30 @@
 """Stage timings of the spine on the `full` synthetic set (81 subjects, ~8,150 sequences, ~575k rows).
 
     python bench/bench_spine.py                 # everything: load, features, LightGBM 5 folds x 2, predict()
-    python bench/bench_spine.py --skip-e2e      # without the default end-to-end run
     python bench/bench_spine.py --predict-n 500 # more predict() calls for the latency percentiles
     python bench/bench_spine.py --mirror-ablation  # also LightGBM without mirroring left-handed subjects
 
 The synthetic set is generated once into bench/.cache/ (reused while its manifest matches). Prints a
-Markdown table for the README; the machine is printed with it. Figures are wall-clock seconds on a
-shared machine: compare rows of one run, not runs of different days.
+Markdown table for the README; the machine is printed with it. The default end-to-end run (every family)
+is bench_end_to_end.py's. Figures are wall-clock seconds on a shared machine: compare rows of one run, not
+runs of different days.
 """
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 
-from common import CACHE, ROOT, full_synthetic_dir, print_stage_table, ti, timed
+from common import CACHE, full_synthetic_dir, print_stage_table, ti, timed
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cache", default=str(CACHE))
     parser.add_argument("--predict-n", type=int, default=300, help="predict() calls for p50/p95")
-    parser.add_argument("--skip-e2e", action="store_true", help="skip the default `python train_infer.py` run")
     parser.add_argument("--mirror-ablation", action="store_true",
                         help="also cross-validate LightGBM without mirroring left-handed subjects (DATA.md: measure it)")
     args = parser.parse_args()
@@ -97,15 +92,6 @@ def main() -> None:
     p50, p95 = np.percentile(latencies, [50, 95])
     rows.append(("**predict() per sequence, LightGBM only: p50 / p95** (target p50 < 20 ms)",
                  f"**{p50:.1f} / {p95:.1f} ms**", f"{len(latencies)} calls, gateway order; routes {routes}"))
-
-    if not args.skip_e2e:
-        with tempfile.TemporaryDirectory(prefix="bench_e2e_") as out:
-            env = {k: v for k, v in os.environ.items() if not k.startswith(("CMI_", "LGBM_", "RUN_"))}
-            start = time.perf_counter()
-            subprocess.run([sys.executable, str(ROOT / "train_infer.py"), "--output-dir", out], check=True,
-                           env=env, stdout=subprocess.DEVNULL)
-            rows.append(("**default `python train_infer.py`** (demo set, from nothing; target about 5 min)",
-                         f"**{time.perf_counter() - start:.0f} s**", "generate + train + answer the test set"))
 
     print_stage_table(rows, f"lightgbm {ti.library_versions().get('lightgbm')}, polars {pl.__version__}")
 

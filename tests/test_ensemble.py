@@ -1,6 +1,8 @@
 """Ensemble and inference: the fast metric, the weight search and its guard, failed families, per-subject
 assignment across calls, and the training summary."""
+import importlib.util
 import json
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -138,6 +140,33 @@ def test_training_summary_and_ensemble_artifacts(all_families_run):
     confusion = pl.read_csv(out / "confusion_matrix.csv")
     assert confusion.height == 18 and confusion.drop("true_gesture").sum().sum_horizontal()[0] == \
         manifest["per_subject"]["n_scored"]
+
+
+def test_the_default_run_answers_every_test_sequence_with_every_family(all_families_run, tiny_data):
+    out, result = all_families_run
+    submission = pl.read_csv(out / "submission.csv")
+    test_ids = pl.read_csv(tiny_data / "test.csv")["sequence_id"].unique().sort()
+    assert submission["sequence_id"].sort().equals(test_ids)
+    assert submission["gesture"].is_in(ti.GESTURES).all()
+    warnings = result["inference"]["warnings"]
+    assert not [kind for kind in warnings if kind == "fallback" or kind.startswith("family_")], warnings
+    assert sorted(p.name.split("_fold")[0] for p in (out / "models").iterdir() if "_fold0" in p.name) == [
+        "keras_full", "keras_imu", "lgbm_full", "lgbm_imu", "torch_full", "torch_imu"]
+
+
+def test_end_to_end_bench_reports_stages_and_the_ensemble_against_the_best_family(all_families_run, capsys):
+    path = Path(__file__).resolve().parents[1] / "bench" / "bench_end_to_end.py"
+    spec = importlib.util.spec_from_file_location("bench_end_to_end", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    summary = json.loads((all_families_run[0] / "run_summary.json").read_text())
+    bench.print_report(summary, None, None)
+    printed = capsys.readouterr().out
+    for stage in ("lgbm imu", "torch full", "keras imu", "ensemble", "inference"):
+        assert f"| {stage} |" in printed
+    for route in ("imu", "full"):
+        assert f"route {route}: ensemble " in printed and "best single family" in printed
+    assert "p50" in printed
 
 
 def test_per_subject_state_is_reset_between_runs(all_families_run, tiny_data, monkeypatch):
