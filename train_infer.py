@@ -2226,9 +2226,9 @@ def build_route_ensemble(route: str, results: list[FamilyResult], y: np.ndarray,
     probs = np.stack([r.oof_probs[mask] for r in members])
     labels, fold_ids = y[mask], folds[mask]
     family_scores = {r.family: fast_competition_score(labels, p.argmax(axis=1)) for r, p in zip(members, probs)}
-    equal = fast_competition_score(labels, probs.mean(axis=0).argmax(axis=1))
-    weights, searched = optimize_ensemble_weights(probs, labels, trials, seed)
     equal_predicted = probs.mean(axis=0).argmax(axis=1)
+    equal = fast_competition_score(labels, equal_predicted)
+    weights, searched = optimize_ensemble_weights(probs, labels, trials, seed)
     nested_predicted = (nested_ensemble_predictions(probs, labels, fold_ids, trials, seed) if len(members) > 1
                         else equal_predicted)
     nested = fast_competition_score(labels, nested_predicted)
@@ -2907,29 +2907,26 @@ def save_confusion_matrix(model_dir: Path, y: np.ndarray, predicted: np.ndarray,
 def summary_table(results: list[FamilyResult], failed: list[dict[str, Any]], ensembles: dict[str, RouteEnsemble],
                   per_subject: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per family and route, failed families, then the ensemble rows (summary.csv)."""
-    rows = [{"family": r.family, "route": r.variant, "n_scored": int(r.eval_mask.sum()),
-             "oof_score": round(r.overall.score, 4), "binary_f1": round(r.overall.binary_f1, 4),
-             "macro_f1": round(r.overall.macro_f1, 4),
-             "mean_best_iteration": round(float(np.mean([m["best_iteration"] for m in r.fold_metrics])), 1),
-             "train_seconds": round(r.seconds, 1), "note": ""} for r in results]
-    rows += [{"family": f["family"], "route": f["route"], "n_scored": 0, "oof_score": None, "binary_f1": None,
-              "macro_f1": None, "mean_best_iteration": None, "train_seconds": None, "note": f"FAILED: {f['error']}"}
-             for f in failed]
-    for route, e in ensembles.items():
-        rows.append({"family": "ensemble", "route": route, "n_scored": e.n_scored, "oof_score": round(e.honest.score, 4),
-                     "binary_f1": round(e.honest.binary_f1, 4), "macro_f1": round(e.honest.macro_f1, 4),
-                     "mean_best_iteration": None, "train_seconds": None,
-                     "note": f"{e.used} weights {dict(zip(e.families, e.weights))}; equal {e.equal_score:.4f}, "
-                             f"searched in-sample {e.searched_score:.4f}, nested {e.nested_score:.4f}"})
-    rows.append({"family": "ensemble", "route": "mixed", "n_scored": per_subject["n_scored"],
-                 "oof_score": per_subject["plain_score"], "binary_f1": None, "macro_f1": None,
-                 "mean_best_iteration": None, "train_seconds": None,
-                 "note": f"test-like mix, {per_subject['imu_share']:.0%} IMU-only"})
-    rows.append({"family": "per-subject", "route": "mixed", "n_scored": per_subject["n_scored"],
-                 "oof_score": per_subject["assigned_score"], "binary_f1": None, "macro_f1": None,
-                 "mean_best_iteration": None, "train_seconds": None,
-                 "note": f"gain {per_subject['gain']:+.4f} over {per_subject['orders']} random orders; "
-                         f"{'on' if per_subject['enabled'] else 'off'}"})
+    def row(family: str, route: str, n_scored: int, score: float | None = None, binary_f1: float | None = None,
+            macro_f1: float | None = None, best: float | None = None, seconds: float | None = None,
+            note: str = "") -> dict[str, Any]:
+        return {"family": family, "route": route, "n_scored": n_scored, "oof_score": score, "binary_f1": binary_f1,
+                "macro_f1": macro_f1, "mean_best_iteration": best, "train_seconds": seconds, "note": note}
+
+    rows = [row(r.family, r.variant, int(r.eval_mask.sum()), round(r.overall.score, 4), round(r.overall.binary_f1, 4),
+                round(r.overall.macro_f1, 4), round(float(np.mean([m["best_iteration"] for m in r.fold_metrics])), 1),
+                round(r.seconds, 1)) for r in results]
+    rows += [row(f["family"], f["route"], 0, note=f"FAILED: {f['error']}") for f in failed]
+    rows += [row("ensemble", route, e.n_scored, round(e.honest.score, 4), round(e.honest.binary_f1, 4),
+                 round(e.honest.macro_f1, 4),
+                 note=f"{e.used} weights {dict(zip(e.families, e.weights))}; equal {e.equal_score:.4f}, "
+                      f"searched in-sample {e.searched_score:.4f}, nested {e.nested_score:.4f}")
+             for route, e in ensembles.items()]
+    rows.append(row("ensemble", "mixed", per_subject["n_scored"], per_subject["plain_score"],
+                    note=f"test-like mix, {per_subject['imu_share']:.0%} IMU-only"))
+    rows.append(row("per-subject", "mixed", per_subject["n_scored"], per_subject["assigned_score"],
+                    note=f"gain {per_subject['gain']:+.4f} over {per_subject['orders']} random orders; "
+                         f"{'on' if per_subject['enabled'] else 'off'}"))
     return rows
 
 
