@@ -35,6 +35,7 @@ import logging
 import math
 import os
 import platform
+import re
 import shutil
 import sys
 import tempfile
@@ -209,8 +210,10 @@ class EnsembleConfig:
 
 @dataclass
 class FrameCacheConfig:
-    """In-memory LRU of frame features for the deep models (issue [2/5]); notes 1-2 raised both bounds 4x."""
-    MAX_ITEMS: int = field(default_factory=lambda: env_int("FRAME_CACHE_MAX_ITEMS", 1600, minimum=1))
+    """In-memory LRU of per-sequence frame features for the deep models. Notes 1-2 set 1600 items / 2 GB, but
+    an LRU scanned in the same order every fold never hits when the data has more sequences than it holds
+    (the real data has ~8,150): unset, the item bound is sized from the data, within the byte bound."""
+    MAX_ITEMS: int | None = field(default_factory=lambda: env_int("FRAME_CACHE_MAX_ITEMS", None, minimum=1))  # None = every training sequence
     MAX_BYTES: int = field(default_factory=lambda: int(env_float("FRAME_CACHE_MAX_MB", 2048.0, minimum=1.0) * 1024 * 1024))
 
 
@@ -795,13 +798,56 @@ def build_frame_features(frame: pl.DataFrame, mirror_left_handed: bool = True) -
     right-handed first when ``mirror_left_handed`` (DATA.md: acc_x, rot_y, rot_z negated, thm_3/thm_5 and
     tof_3/tof_5 swapped, ToF grids flipped left-right).
     """
-    left = None
-    if mirror_left_handed and "handedness" in frame.columns:
-        left = (frame["handedness"].cast(pl.Float32, strict=False) == 0).fill_null(False).to_numpy()
-    out = frame_features_from_raw(sensor_matrix(frame), _sequence_starts(frame), left)
+    out = frame_features_from_raw(sensor_matrix(frame), _sequence_starts(frame),
+                                  _left_handed_rows(frame, mirror_left_handed))
     if "sequence_id" in frame.columns:
         out = out.insert_column(0, frame["sequence_id"])
     return out
+
+
+def _left_handed_rows(frame: pl.DataFrame, mirror_left_handed: bool) -> np.ndarray | None:
+    """Rows to mirror: those of left-handed subjects (handedness 0), when mirroring is on."""
+    if not mirror_left_handed or "handedness" not in frame.columns:
+        return None
+    return (frame["handedness"].cast(pl.Float32, strict=False) == 0).fill_null(False).to_numpy()
+
+
+@dataclass
+class SequenceFrames:
+    """Every training sequence's frame features from ONE pass over the whole table: a flat (frames x
+    FRAME_FEATURES) float32 matrix, NaN where a value does not exist, and each sequence's rows
+    ``values[offsets[i]:offsets[i + 1]]``, in table order (the sequence table's order). The pass feeds the
+    frame store, the LightGBM aggregates and the deep models' arrays: frames are computed once per run."""
+    ids: list[str]
+    offsets: np.ndarray          # (n_sequences + 1,) row offsets into values
+    values: np.ndarray           # (n_frames, len(FRAME_FEATURES)) float32, NaN = missing
+    mirror_left_handed: bool
+
+    @classmethod
+    def from_table(cls, train: pl.DataFrame, mirror_left_handed: bool) -> "SequenceFrames":
+        """The training table (rows grouped by sequence_id, in counter order, as load_train_data sorts it)."""
+        starts = _sequence_starts(train)
+        values = frame_feature_matrix(sensor_matrix(train), starts, _left_handed_rows(train, mirror_left_handed))
+        first_rows = np.flatnonzero(starts)
+        ids = train["sequence_id"].gather(first_rows).to_list()
+        if len(set(ids)) != len(ids):
+            raise ValueError("the training rows of a sequence are not contiguous: sort by sequence_id first")
+        return cls(ids, np.append(first_rows, train.height), values, mirror_left_handed)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def sequence(self, i: int) -> np.ndarray:
+        """Sequence i's frames: a read-only view into the flat matrix, no copy."""
+        view = self.values[self.offsets[i]:self.offsets[i + 1]]
+        view.flags.writeable = False
+        return view
+
+    def table(self) -> pl.DataFrame:
+        """sequence_id + FRAME_FEATURES, NaN as null: what build_frame_features gives for the whole table."""
+        ids = pl.Series("sequence_id", self.ids).gather(np.repeat(np.arange(len(self.ids)), self.lengths))
+        return frame_table(self.values).insert_column(0, ids)
 
 
 def frame_features_from_raw(raw: np.ndarray, starts: np.ndarray, left_handed: np.ndarray | None) -> pl.DataFrame:
@@ -971,10 +1017,15 @@ def feature_version(mirror_left_handed: bool) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def build_feature_table(train: pl.DataFrame, mirror_left_handed: bool) -> pl.DataFrame:
-    """Whole training table -> one row per sequence of aggregate features + demographics."""
-    frames = build_frame_features(train, mirror_left_handed)
-    aggregates = aggregate_features(frames)
+def build_feature_table(train: pl.DataFrame, mirror_left_handed: bool, frames: SequenceFrames | None = None
+                        ) -> pl.DataFrame:
+    """Whole training table -> one row per sequence of aggregate features + demographics. ``frames``: the
+    run's one frame pass over this table (computed here when not given)."""
+    if frames is None:
+        frames = SequenceFrames.from_table(train, mirror_left_handed)
+    elif frames.mirror_left_handed != mirror_left_handed or len(frames.values) != train.height:
+        raise ValueError("the frame pass was made from another table or mirroring setting")
+    aggregates = aggregate_features(frames.table())
     demographics = train.group_by("sequence_id", maintain_order=True).agg(
         [pl.col(c).first().cast(pl.Float32) for c in DEMOGRAPHIC_FEATURES])
     return aggregates.join(demographics, on="sequence_id", how="left", maintain_order="left")
@@ -983,10 +1034,11 @@ def build_feature_table(train: pl.DataFrame, mirror_left_handed: bool) -> pl.Dat
 # ╔══════════════════════════════════════════════════════════════════════════════════════════════╗
 # ║ Frame-feature store (Parquet, one file per sequence) and LRU cache, for the deep models     ║
 # ╚══════════════════════════════════════════════════════════════════════════════════════════════╝
-# The deep models read every training sequence's frames in every fold; computing them again each time
-# was the largest waste in the design notes (1-2, 4). The store computes each sequence once, vectorised
-# over the whole table, and keeps it across runs; the LRU cache keeps recently used sequences in memory
-# as float32 arrays (what a model consumes, inf/NaN already 0), so a fold's lookups cost microseconds.
+# The deep models read every training sequence's frames; the seed computed them again for every fold
+# and epoch, the largest waste in the design notes (1-2, 4). Now a run computes them once, in one pass
+# over the whole table (SequenceFrames), writes them to the store (kept across runs: one Parquet file per
+# sequence) and puts them in the LRU cache; the deep models' padded arrays are then built once per route
+# through the cache (DeepInputs), and every fold of every deep family indexes those arrays.
 
 FRAME_STORE_MANIFEST = "_manifest.json"
 
@@ -1041,7 +1093,7 @@ class FrameFeatureStore:
                       lambda tmp: frames.write_parquet(tmp, compression="lz4", statistics=False))
 
     def read(self, sequence_id: str) -> np.ndarray | None:
-        """The sequence's frames as float32 (inf/NaN -> 0, notes 4-3), or None if there is no file.
+        """The sequence's frames as float32 (NaN = missing), or None if there is no file.
 
         Raises on a file that exists but cannot be read or has other columns: the caller recomputes it.
         """
@@ -1052,7 +1104,7 @@ class FrameFeatureStore:
         if table.columns != FRAME_FEATURES:
             raise ValueError(f"{path} has columns {table.columns[:3]}..., expected the {len(FRAME_FEATURES)} "
                              "frame features")
-        return clean_frame_array(table.to_numpy())
+        return frame_array(table.to_numpy())
 
     def is_valid(self, sequence_id: str, n_frames: int) -> bool:
         """Cheap check from the Parquet footer: readable, the right columns and row count."""
@@ -1064,10 +1116,18 @@ class FrameFeatureStore:
         return meta.num_rows == n_frames and meta.schema.names == FRAME_FEATURES
 
 
-def clean_frame_array(values: np.ndarray) -> np.ndarray:
-    """float32 with inf/NaN replaced by 0: what a network consumes (notes 4-3)."""
-    values = np.array(values, dtype=np.float32)            # a copy: to_numpy() may hand out a read-only view
-    return np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0, copy=False)
+def frame_array(values: np.ndarray) -> np.ndarray:
+    """A writable float32 copy with NaN for every missing or non-finite value (to_numpy() may hand out a
+    read-only view, and null becomes NaN)."""
+    values = np.array(values, dtype=np.float32)
+    values[~np.isfinite(values)] = np.nan
+    return values
+
+
+def fill_missing_frames(values: np.ndarray, copy: bool = True) -> np.ndarray:
+    """NaN/inf -> 0: how the networks see a missing value today (notes 4-3), applied where frames enter a
+    model, in training and in predict() alike; the arrays before this keep NaN."""
+    return np.nan_to_num(np.asarray(values, dtype=np.float32), copy=copy, nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def _write_store_files(store: FrameFeatureStore, items: list[tuple[str, pl.DataFrame]]) -> None:
@@ -1075,13 +1135,17 @@ def _write_store_files(store: FrameFeatureStore, items: list[tuple[str, pl.DataF
         store.write(sequence_id, frames)
 
 
-def build_frame_feature_store(train: pl.DataFrame, store: FrameFeatureStore, workers: int = 2) -> dict[str, Any]:
-    """Compute and write frames for every sequence whose file is missing or invalid; skip the rest.
+def build_frame_feature_store(train: pl.DataFrame, store: FrameFeatureStore, workers: int = 2,
+                              frames: SequenceFrames | None = None) -> dict[str, Any]:
+    """Write frames for every sequence whose file is missing or invalid; skip the rest.
 
-    Frames are computed for the whole missing part of the table at once (vectorised); the Parquet
-    writes, which release the GIL, run on ``workers`` threads.
+    ``frames``: the run's one frame pass over ``train``, which supplies the missing files; without it,
+    frames are computed for the whole missing part of the table at once (vectorised). The Parquet writes,
+    which release the GIL, run on ``workers`` threads.
     """
     started = time.perf_counter()
+    if frames is not None and frames.mirror_left_handed != store.mirror:
+        raise ValueError(f"frames mirrored={frames.mirror_left_handed} cannot fill a store with mirror={store.mirror}")
     store.open()
     lengths = train.group_by("sequence_id", maintain_order=True).len()
     with ThreadPoolExecutor(max(workers, 1)) as pool:         # footer reads release the GIL
@@ -1089,12 +1153,17 @@ def build_frame_feature_store(train: pl.DataFrame, store: FrameFeatureStore, wor
     todo = [sid for (sid, _), ok in zip(lengths.iter_rows(), valid) if not ok]
     stats = {"sequences": lengths.height, "written": len(todo), "skipped": lengths.height - len(todo)}
     if todo:
-        LOG.info("Frame store %s: computing %d of %d sequences (%d already valid)", store.folder, len(todo),
+        LOG.info("Frame store %s: writing %d of %d sequences (%d already valid)", store.folder, len(todo),
                  lengths.height, stats["skipped"])
-        part = train if len(todo) == lengths.height else train.filter(pl.col("sequence_id").is_in(todo))
-        frames = build_frame_features(part, store.mirror)
-        items = [(key[0], table) for key, table in frames.partition_by("sequence_id", as_dict=True,
-                                                                        maintain_order=True).items()]
+        everything = len(todo) == lengths.height
+        if frames is not None:
+            table = frames.table()
+            table = table if everything else table.filter(pl.col("sequence_id").is_in(todo))
+        else:
+            table = build_frame_features(train if everything else train.filter(pl.col("sequence_id").is_in(todo)),
+                                         store.mirror)
+        items = [(key[0], part) for key, part in table.partition_by("sequence_id", as_dict=True,
+                                                                     maintain_order=True).items()]
         chunks = [items[i::max(workers, 1)] for i in range(max(workers, 1))]
         with ThreadPoolExecutor(max(workers, 1)) as pool:
             for future in [pool.submit(_write_store_files, store, chunk) for chunk in chunks]:
@@ -1106,17 +1175,18 @@ def build_frame_feature_store(train: pl.DataFrame, store: FrameFeatureStore, wor
 
 
 class FrameFeatureCache:
-    """LRU of per-sequence frame arrays, bounded by item count AND bytes; keyed by sequence id.
+    """LRU of per-sequence frame arrays (float32, NaN = missing), bounded by item count AND bytes; keyed by
+    sequence id.
 
     A miss reads the store; a sequence the store lacks (or whose file is broken) is computed from its
-    raw rows (``raw_source(sequence_id)``), written back to the store, and cached. Counters tell memory
-    hits, store reads and computations apart; ``take_counts()`` returns and resets them, so the training
-    log can print a hit rate per fold or epoch.
+    raw rows (``raw_source(sequence_id)``), written back to the store, and cached. ``prime()`` fills it
+    from the run's frame pass without reading anything. Counters tell memory hits, store reads and
+    computations apart; ``take_counts()`` returns and resets them, so the log can show that the deep
+    models' arrays were built once, from memory.
 
     DataLoader workers are separate processes: each would get its own copy of this cache, fill it
-    again, and report its counts to nobody. The deep-model data path therefore never looks sequences up
-    inside workers: it materialises a fold's padded arrays here, in the main process
-    (``padded_frames``), and workers (if any) only slice those arrays.
+    again, and report its counts to nobody. So the deep models never look sequences up during training:
+    their arrays are built once per run in the main process (DeepInputs), and folds slice those arrays.
     """
 
     def __init__(self, store: FrameFeatureStore | None, max_items: int, max_bytes: int,
@@ -1154,6 +1224,18 @@ class FrameFeatureCache:
         self._put(sequence_id, values)
         return values
 
+    def prime(self, frames: SequenceFrames) -> int:
+        """Put the frame pass's sequences in (views, no copy) while they fit without evicting anything;
+        returns how many went in. Those that do not fit are read from the store when asked for."""
+        for i, sequence_id in enumerate(frames.ids):
+            values = frames.sequence(i)
+            if len(self._items) + 1 > self.max_items or self.bytes + values.nbytes > self.max_bytes:
+                return i
+            if sequence_id not in self._items:
+                self._items[sequence_id] = values
+                self.bytes += values.nbytes
+        return len(frames.ids)
+
     def preload(self, sequence_ids: Sequence[str], workers: int = 2) -> None:
         """Fill the cache from the store with ``workers`` reader threads (Parquet reads release the GIL);
         sequences the store lacks are left to get(), which computes them."""
@@ -1183,7 +1265,7 @@ class FrameFeatureCache:
         if self.store is not None:
             self.store.write(sequence_id, frames)
         self.counts["computed"] += 1
-        return clean_frame_array(frames.select(FRAME_FEATURES).to_numpy())
+        return frame_array(frames.select(FRAME_FEATURES).to_numpy())
 
     def _put(self, sequence_id: str, values: np.ndarray) -> None:
         if values.nbytes > self.max_bytes:                 # larger than the whole budget: serve, don't keep
@@ -1199,6 +1281,7 @@ class FrameFeatureCache:
         """Counters since the last call, with the memory hit rate; then reset them."""
         counts = dict(self.counts)
         lookups = counts["hits"] + counts["store_reads"] + counts["computed"]
+        counts["lookups"] = lookups
         counts["hit_rate"] = counts["hits"] / lookups if lookups else 0.0
         self.counts = {k: 0 for k in self.counts}
         return counts
@@ -1209,10 +1292,24 @@ class FrameFeatureCache:
         fits_bytes = n_sequences * mean_bytes <= self.max_bytes
         if not (fits_items and fits_bytes):
             LOG.warning("Frame cache holds at most %d sequences / %.0f MB, the data has %d sequences (~%.0f MB): "
-                        "later epochs will read the store instead of hitting memory; raise FRAME_CACHE_MAX_ITEMS "
-                        "/ FRAME_CACHE_MAX_MB if memory allows", self.max_items, self.max_bytes / 2**20,
-                        n_sequences, n_sequences * mean_bytes / 2**20)
+                        "building the deep models' arrays will read the store instead of hitting memory; raise "
+                        "FRAME_CACHE_MAX_ITEMS / FRAME_CACHE_MAX_MB if memory allows", self.max_items,
+                        self.max_bytes / 2**20, n_sequences, n_sequences * mean_bytes / 2**20)
         return not (fits_items and fits_bytes)
+
+
+def frame_cache_for_run(frames: SequenceFrames, store: FrameFeatureStore | None, cache_cfg: FrameCacheConfig,
+                        raw_source: Callable[[str], pl.DataFrame] | None = None) -> FrameFeatureCache:
+    """The run's cache, sized from the data when FRAME_CACHE_MAX_ITEMS is unset and primed from the frame
+    pass, so that building the deep models' arrays reads nothing."""
+    items = cache_cfg.MAX_ITEMS or len(frames.ids)
+    cache = FrameFeatureCache(store, items, cache_cfg.MAX_BYTES, raw_source)
+    primed = cache.prime(frames)
+    LOG.info("Frame cache: %d items (%s), %.0f MB bound; %d of %d sequences held in memory (%.0f MB) from the "
+             "frame pass", items, "FRAME_CACHE_MAX_ITEMS" if cache_cfg.MAX_ITEMS else "sized from the data",
+             cache_cfg.MAX_BYTES / 2**20, primed, len(frames.ids), cache.bytes / 2**20)
+    cache.warn_if_too_small(len(frames.ids), frames.values.nbytes / max(len(frames.ids), 1))
+    return cache
 
 
 def pad_last_frames(values: np.ndarray, pad_len: int) -> tuple[np.ndarray, np.ndarray]:
@@ -1226,27 +1323,57 @@ def pad_last_frames(values: np.ndarray, pad_len: int) -> tuple[np.ndarray, np.nd
     return out, mask
 
 
-def load_padded_frames(cache: FrameFeatureCache, sequence_ids: Sequence[str], pad_len: int, label: str
-                       ) -> tuple[np.ndarray, np.ndarray]:
-    """padded_frames(), then one log line with the cache's counts for this fold/epoch (``label``)."""
-    started = time.perf_counter()
-    x, mask = padded_frames(cache, sequence_ids, pad_len)
-    counts = cache.take_counts()
-    LOG.info("%s: %d sequences through the frame cache in %.2f s | hit rate %.1f%% (%d hits, %d store reads, "
-             "%d computed, %d evicted)", label, len(sequence_ids), time.perf_counter() - started,
-             100 * counts["hit_rate"], counts["hits"], counts["store_reads"], counts["computed"], counts["evicted"])
-    return x, mask
-
-
-def padded_frames(cache: FrameFeatureCache, sequence_ids: Sequence[str], pad_len: int
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """The deep models' input for a list of sequences: (N x pad_len x F) float32 and (N x pad_len) mask,
-    every sequence fetched once through the cache (in the main process; see FrameFeatureCache)."""
-    x = np.zeros((len(sequence_ids), pad_len, len(FRAME_FEATURES)), dtype=np.float32)
+def padded_frames(cache: FrameFeatureCache, sequence_ids: Sequence[str], pad_len: int,
+                  columns: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(N x pad_len x features) float32 and (N x pad_len) mask for a list of sequences, each fetched once
+    through the cache (main process; see FrameFeatureCache) and cut as pad_last_frames cuts it. ``columns``
+    picks frame features (default: all). Missing values stay NaN; padding is 0."""
+    index = list(range(len(FRAME_FEATURES))) if columns is None else list(columns)
+    x = np.zeros((len(sequence_ids), pad_len, len(index)), dtype=np.float32)
     mask = np.zeros((len(sequence_ids), pad_len), dtype=np.float32)
     for i, sequence_id in enumerate(sequence_ids):
-        x[i], mask[i] = pad_last_frames(cache.get(sequence_id), pad_len)
+        kept = cache.get(sequence_id)[-pad_len:]
+        x[i, : len(kept)] = kept[:, index]
+        mask[i, : len(kept)] = 1.0
     return x, mask
+
+
+class DeepInputs:
+    """The deep families' inputs, built once per run: for each (variant, pad length) the padded frames and
+    mask of every training sequence, read through the frame cache in one go. Every fold of every deep
+    family indexes these arrays, so no fold reads or computes a frame; Torch and Keras share them when
+    their pad lengths agree, and each gets its own when DL_FIXED_PAD_LEN and KERAS_FIXED_PAD_LEN differ."""
+
+    def __init__(self, cache: FrameFeatureCache, sequence_ids: Sequence[str], lengths: np.ndarray) -> None:
+        self.cache = cache
+        self.ids = list(sequence_ids)
+        self.lengths = np.asarray(lengths)
+        self._arrays: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
+        self.seconds = {"build": 0.0, "fold_slices": 0.0}   # all frame access of the deep families, for the log
+
+    def arrays(self, variant: str, pad_len: int) -> tuple[np.ndarray, np.ndarray]:
+        """(N x pad_len x variant's features, NaN = missing) and (N x pad_len) mask, in sequence-table order."""
+        key = (variant, int(pad_len))
+        if key not in self._arrays:
+            started = time.perf_counter()
+            x, mask = padded_frames(self.cache, self.ids, int(pad_len), frame_feature_index(variant))
+            counts = self.cache.take_counts()
+            seconds = time.perf_counter() - started
+            self.seconds["build"] += seconds
+            LOG.info("Deep inputs %s, pad %d: %d sequences x %d features (%.0f MB), built once in %.2f s through "
+                     "the frame cache | hit rate %.1f%% (%d hits, %d store reads, %d computed); every fold indexes "
+                     "these arrays", variant, pad_len, len(self.ids), x.shape[2], x.nbytes / 2**20, seconds,
+                     100 * counts["hit_rate"], counts["hits"], counts["store_reads"], counts["computed"])
+            self._arrays[key] = (x, mask)
+        return self._arrays[key]
+
+    def take(self, variant: str, pad_len: int, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The rows of ``index`` as a model consumes them (a copy, missing values filled) and their mask."""
+        x, mask = self.arrays(variant, pad_len)
+        started = time.perf_counter()
+        rows = fill_missing_frames(x[index], copy=False), mask[index]
+        self.seconds["fold_slices"] += time.perf_counter() - started
+        return rows
 
 
 # ╔══════════════════════════════════════════════════════════════════════════════════════════════╗
@@ -1767,22 +1894,23 @@ def torch_pad_length(sequences_lengths: np.ndarray, dl_cfg: DLConfig) -> int:
     return int(np.ceil(np.percentile(sequences_lengths, dl_cfg.PAD_LEN_PERCENTILE)))
 
 
-def train_torch(cache: FrameFeatureCache, sequences: pl.DataFrame, lengths: np.ndarray, folds: np.ndarray,
-                variant: str, dl_cfg: DLConfig, seed: int, model_dir: Path, runtime: TorchRuntime | None = None,
+def train_torch(inputs: DeepInputs, sequences: pl.DataFrame, folds: np.ndarray, variant: str, dl_cfg: DLConfig,
+                seed: int, model_dir: Path, runtime: TorchRuntime | None = None,
                 oom_hook: Callable[[int], None] | None = None, only_folds: Sequence[int] | None = None
                 ) -> FamilyResult:
-    """Cross-validate TimeSeriesNet for one variant; frames come through the cache fold by fold (the log
-    shows its hit rate); one .pt per fold holds the best epoch's weights and the input normalisation."""
+    """Cross-validate TimeSeriesNet for one variant; each fold indexes the run's padded arrays (DeepInputs);
+    one .pt per fold holds the best epoch's weights and the input normalisation."""
     import torch
     runtime = runtime or torch_runtime()
     dl_cfg = dataclasses.replace(dl_cfg, EPOCHS=resolve_epochs(dl_cfg.EPOCHS, runtime.device.type == "cuda",
                                                                "DL_EPOCHS"))
     started = time.perf_counter()
-    ids = sequences["sequence_id"].to_list()
+    if inputs.ids != sequences["sequence_id"].to_list():
+        raise ValueError("the deep inputs were built for other sequences than the sequence table's")
     y = sequences["label"].to_numpy()
     eval_mask = np.ones(len(y), bool) if variant == "imu" else sequences["has_thm_tof"].to_numpy()
     columns = frame_feature_index(variant)
-    pad_len = torch_pad_length(lengths, dl_cfg)
+    pad_len = torch_pad_length(inputs.lengths, dl_cfg)
     oof = np.full((len(y), len(GESTURES)), np.nan)
     fold_metrics, paths, epoch_log = [], [], []
     LOG.info("Torch %-4s | %d frame features, pad %d, %d pooling stages, up to %d epochs", variant, len(columns),
@@ -1793,9 +1921,8 @@ def train_torch(cache: FrameFeatureCache, sequences: pl.DataFrame, lengths: np.n
         fold_start = time.perf_counter()
         train_idx, valid_idx = np.where(folds != fold)[0], np.where(folds == fold)[0]
         label = f"torch {variant} f{fold}"
-        x_tr, m_tr = load_padded_frames(cache, [ids[i] for i in train_idx], pad_len, f"{label} train frames")
-        x_va, m_va = load_padded_frames(cache, [ids[i] for i in valid_idx], pad_len, f"{label} valid frames")
-        x_tr, x_va = x_tr[:, :, columns], x_va[:, :, columns]
+        x_tr, m_tr = inputs.take(variant, pad_len, train_idx)
+        x_va, m_va = inputs.take(variant, pad_len, valid_idx)
         mean, std = frame_statistics(x_tr, m_tr)
         x_tr, x_va = standardize_frames(x_tr, m_tr, mean, std), standardize_frames(x_va, m_va, mean, std)
         result = train_torch_fold_with_fallback(x_tr, m_tr, y[train_idx], x_va, m_va, y[valid_idx],
@@ -1867,12 +1994,72 @@ class KerasRuntime:
                 f"jit_compile {'on' if self.jit_compile else 'off'}")
 
 
+TF_LOG_LEVEL_VARIABLE = "TF_CPP_MIN_LOG_LEVEL"
+# An absl log line: severity letter, MMDD, then a space ("I0000 00:00:17... port.cc:153] oneDNN ...").
+_ABSL_RECORD = re.compile(r"^[IWEF]\d{4} ")
+_ABSL_PREAMBLE = "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR"
+
+
+def quiet_tensorflow_logs() -> bool:
+    """TensorFlow's C++ INFO lines off (TF_CPP_MIN_LOG_LEVEL=1: warnings and errors stay), unless the user
+    set the variable; call it before TensorFlow is first imported. True when this call set it."""
+    if os.environ.get(TF_LOG_LEVEL_VARIABLE) is not None:
+        return False
+    os.environ[TF_LOG_LEVEL_VARIABLE] = "1"
+    return True
+
+
+def drop_tensorflow_info_lines(text: str) -> str:
+    """Remove absl INFO records (with their continuation lines) and the pre-initialisation preamble."""
+    kept, dropping = [], False
+    for line in text.splitlines(keepends=True):
+        if _ABSL_RECORD.match(line):
+            dropping = line.startswith("I")
+        elif line.rstrip("\n") == _ABSL_PREAMBLE:
+            dropping = True
+            continue
+        if not dropping:
+            kept.append(line)
+    return "".join(kept)
+
+
+def import_keras_quietly():
+    """``import keras`` (which imports TensorFlow on its default backend) without TensorFlow's start-up INFO
+    chatter. TF_CPP_MIN_LOG_LEVEL does not reach the lines TensorFlow prints before its logging is set up
+    (the oneDNN notice, twice), so while the import runs, file descriptor 2 goes to a temporary file; what
+    was printed there comes back to stderr afterwards, less the INFO records. A user who set
+    TF_CPP_MIN_LOG_LEVEL gets TensorFlow's output untouched."""
+    user_set = not quiet_tensorflow_logs()
+    try:
+        saved = None if user_set or "keras" in sys.modules else os.dup(2)
+    except OSError:                                        # no usable stderr descriptor (some notebook hosts)
+        saved = None
+    if saved is None:
+        import keras
+        return keras
+    sys.stderr.flush()
+    with tempfile.TemporaryFile(mode="w+b") as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            import keras
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            rest = drop_tensorflow_info_lines(captured.read().decode("utf-8", errors="replace"))
+            if rest:
+                sys.stderr.write(rest)
+                sys.stderr.flush()
+    return keras
+
+
 @functools.cache
 def keras_backend_and_gpu() -> tuple[str, bool]:
     """Import Keras (its backend comes from KERAS_BACKEND; TensorFlow when unset) and find a GPU. With
     TensorFlow, GPU memory growth is switched on here, before any TensorFlow op, so that Torch and
     TensorFlow can share one GPU in one notebook (TensorFlow otherwise reserves nearly all of it)."""
-    import keras
+    keras = import_keras_quietly()
     backend = keras.backend.backend()
     if backend == "tensorflow":
         import tensorflow as tf
@@ -2093,7 +2280,7 @@ def train_keras_fold(x_train: np.ndarray, m_train: np.ndarray, y_train: np.ndarr
                    "micro_batch": keras_cfg.BATCH_SIZE, "accum_steps": 1}
 
 
-def train_keras(cache: FrameFeatureCache, sequences: pl.DataFrame, folds: np.ndarray, variant: str,
+def train_keras(inputs: DeepInputs, sequences: pl.DataFrame, folds: np.ndarray, variant: str,
                 keras_cfg: KerasConfig, speed: KerasSpeedConfig, seed: int, model_dir: Path,
                 only_folds: Sequence[int] | None = None) -> FamilyResult:
     """Cross-validate the Keras model for one variant; one .keras file per fold (never .pt: the two deep
@@ -2101,7 +2288,8 @@ def train_keras(cache: FrameFeatureCache, sequences: pl.DataFrame, folds: np.nda
     runtime = keras_runtime(speed)
     epochs = resolve_epochs(keras_cfg.EPOCHS, runtime.gpu, "KERAS_EPOCHS")
     started = time.perf_counter()
-    ids = sequences["sequence_id"].to_list()
+    if inputs.ids != sequences["sequence_id"].to_list():
+        raise ValueError("the deep inputs were built for other sequences than the sequence table's")
     y = sequences["label"].to_numpy()
     eval_mask = np.ones(len(y), bool) if variant == "imu" else sequences["has_thm_tof"].to_numpy()
     columns = frame_feature_index(variant)
@@ -2119,14 +2307,14 @@ def train_keras(cache: FrameFeatureCache, sequences: pl.DataFrame, folds: np.nda
             fold_start = time.perf_counter()
             train_idx, valid_idx = np.where(folds != fold)[0], np.where(folds == fold)[0]
             label = f"keras {variant} f{fold}"
-            x_tr, m_tr = load_padded_frames(cache, [ids[i] for i in train_idx], pad_len, f"{label} train frames")
-            x_va, m_va = load_padded_frames(cache, [ids[i] for i in valid_idx], pad_len, f"{label} valid frames")
+            x_tr, m_tr = inputs.take(variant, pad_len, train_idx)
+            x_va, m_va = inputs.take(variant, pad_len, valid_idx)
             name = f"keras_{variant}_fold{fold}"
             # ModelCheckpoint writes in place; it writes into a private folder beside the final file, which
             # is moved into place (atomically) only when the fold is done.
             scratch = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=models_dir))
             try:
-                result = train_keras_fold(x_tr[:, :, columns], m_tr, y[train_idx], x_va[:, :, columns], m_va,
+                result = train_keras_fold(x_tr, m_tr, y[train_idx], x_va, m_va,
                                           y[valid_idx], eval_mask[valid_idx], keras_cfg, runtime, epochs, seed + fold,
                                           label, name, scratch / f"{name}.keras")
                 os.replace(scratch / f"{name}.keras", models_dir / f"{name}.keras")
@@ -2569,7 +2757,7 @@ class SequenceInputs:
     @property
     def frames(self) -> np.ndarray:
         if self._frames is None:
-            self._frames = clean_frame_array(self.frame_values)
+            self._frames = fill_missing_frames(self.frame_values)
         return self._frames
 
 
@@ -2682,8 +2870,8 @@ class KerasFamily:
 
     @classmethod
     def load(cls, paths: list[Path], columns: list[str]) -> "KerasFamily":
+        keras_backend_and_gpu()                            # quiet import; TensorFlow GPU memory growth before any op
         import keras
-        keras_backend_and_gpu()                            # TensorFlow GPU memory growth before any op
         keras_layers()                                     # register the custom layers for deserialisation
         return cls([keras.saving.load_model(p, compile=False) for p in paths], columns)
 
@@ -2939,20 +3127,21 @@ def train_all(train: pl.DataFrame, settings: Settings, model_dir: Path, timer: S
         folds = make_folds(sequences, cfg.N_FOLDS, cfg.SEED)
         LOG.info("%d sequences, %d subjects, %d with thm/tof, %d folds grouped by subject",
                  sequences.height, sequences["subject"].n_unique(), int(sequences["has_thm_tof"].sum()), cfg.N_FOLDS)
-    cache = None
+    with timer("frame features (one pass over the table)"):
+        frames = SequenceFrames.from_table(train, cfg.MIRROR_LEFT_HANDED)
+    deep_inputs = None
     if cfg.RUN_TORCH_TRAINING or cfg.RUN_KERAS_TRAINING:
         store = FrameFeatureStore(settings.dl.FRAME_FEATURE_DIR, cfg.MIRROR_LEFT_HANDED)
         with timer("frame feature store"):                 # notes 4-4: once, right after the data loads
-            build_frame_feature_store(train, store, workers=max(2, min(4, os.cpu_count() or 1)))
-        # The store was just built, so a miss that needs the raw rows is rare: a filter per miss costs less
-        # than holding a second, partitioned copy of the table.
-        cache = FrameFeatureCache(store, settings.frame_cache.MAX_ITEMS, settings.frame_cache.MAX_BYTES,
-                                  raw_source=lambda sid: train.filter(pl.col("sequence_id") == sid))
-        # ~ frames x 58 float32 per sequence: enough to say whether every sequence fits in the cache.
-        cache.warn_if_too_small(sequences.height, train.height / sequences.height * len(FRAME_FEATURES) * 4)
-    lengths = train.group_by("sequence_id", maintain_order=True).len()["len"].to_numpy()
-    with timer("frame + aggregate features"):
-        features = build_feature_table(train, cfg.MIRROR_LEFT_HANDED)
+            build_frame_feature_store(train, store, workers=max(2, min(4, os.cpu_count() or 1)), frames=frames)
+        # Misses are rare (only sequences the byte bound cannot hold): a filter per miss costs less than
+        # holding a second, partitioned copy of the table.
+        cache = frame_cache_for_run(frames, store, settings.frame_cache,
+                                    raw_source=lambda sid: train.filter(pl.col("sequence_id") == sid))
+        deep_inputs = DeepInputs(cache, frames.ids, frames.lengths)
+    with timer("aggregate features"):
+        features = build_feature_table(train, cfg.MIRROR_LEFT_HANDED, frames)
+    del frames                                              # the cache keeps what the deep models need
     trainers: list[tuple[str, str, Callable[[], FamilyResult]]] = []
     for variant in VARIANTS:
         if cfg.RUN_LGBM_TRAINING:
@@ -2960,11 +3149,11 @@ def train_all(train: pl.DataFrame, settings: Settings, model_dir: Path, timer: S
                                                                 settings.lgbm, cfg.SEED, model_dir)))
     for variant in VARIANTS:
         if cfg.RUN_TORCH_TRAINING:
-            trainers.append(("torch", variant, functools.partial(train_torch, cache, sequences, lengths, folds, variant,
+            trainers.append(("torch", variant, functools.partial(train_torch, deep_inputs, sequences, folds, variant,
                                                                  settings.dl, cfg.SEED, model_dir)))
     for variant in VARIANTS:
         if cfg.RUN_KERAS_TRAINING:
-            trainers.append(("keras", variant, functools.partial(train_keras, cache, sequences, folds, variant,
+            trainers.append(("keras", variant, functools.partial(train_keras, deep_inputs, sequences, folds, variant,
                                                                  settings.keras, settings.keras_speed, cfg.SEED,
                                                                  model_dir)))
     if not trainers:
@@ -2982,6 +3171,21 @@ def train_all(train: pl.DataFrame, settings: Settings, model_dir: Path, timer: S
                 # logged with its traceback, left out of the ensemble and listed in the summary.
                 LOG.exception("%s %s failed to train; the other families go on without it", family, variant)
                 failed.append({"family": family, "route": variant, "error": f"{type(exc).__name__}: {exc}"[:300]})
+    frame_access = None
+    if deep_inputs is not None:
+        counts = deep_inputs.cache.take_counts()          # anything a fold looked up after the arrays were built
+        deep_seconds = sum(r.seconds for r in results if r.family in ("torch", "keras"))
+        frame_access = {"build_seconds": round(deep_inputs.seconds["build"], 2),
+                        "fold_slice_seconds": round(deep_inputs.seconds["fold_slices"], 2),
+                        "deep_training_seconds": round(deep_seconds, 1), "lookups_after_build": counts["lookups"]}
+        frame_access["share"] = round(sum(deep_inputs.seconds.values()) / deep_seconds, 4) if deep_seconds else None
+        LOG.info("Frame access by the deep folds after the arrays were built: %d lookups (%d store reads, %d "
+                 "computed). All their frame access: %.2f s (arrays %.2f s, fold slices %.2f s) = %.1f%% of the deep "
+                 "families' %.0f s", counts["lookups"], counts["store_reads"], counts["computed"],
+                 sum(deep_inputs.seconds.values()), deep_inputs.seconds["build"], deep_inputs.seconds["fold_slices"],
+                 100 * (frame_access["share"] or 0.0), deep_seconds)
+        del deep_inputs
+    trainers.clear()                                        # the partials hold the deep arrays
     if not results:
         raise RuntimeError(f"every model family failed to train: {failed}")
     fold_rows = [row for r in results for row in r.fold_metrics]
@@ -3008,7 +3212,7 @@ def train_all(train: pl.DataFrame, settings: Settings, model_dir: Path, timer: S
                              "per_subject": per_subject, "failed_families": failed})
     return {"summary": summary_rows, "folds": fold_rows, "ensemble": {r: dataclasses.asdict(e)
                                                                      for r, e in ensembles.items()},
-            "per_subject": per_subject, "failed_families": failed}
+            "per_subject": per_subject, "failed_families": failed, "deep_frame_access": frame_access}
 
 
 def log_run_summary(result: dict[str, Any]) -> None:

@@ -3,6 +3,8 @@
     python bench/bench_end_to_end.py                  # the default run: demo synthetic set
     python bench/bench_end_to_end.py --size full      # the `full` synthetic set (81 + 10 subjects)
     python bench/bench_end_to_end.py --report DIR     # the tables of a run already made into DIR
+    python bench/bench_end_to_end.py --size full --out DIR   # also write the tables to DIR/bench_end_to_end.md
+    python bench/bench_end_to_end.py --data-dir DIR --folds 2   # any competition-format folder (tests use a tiny one)
 
 The job runs as the README runs it, `python train_infer.py --synthetic ...`, in a child process with this
 process's environment (so DL_EPOCHS, KERAS_BACKEND, ... apply), into a fresh output folder: the synthetic
@@ -14,6 +16,8 @@ ensemble rows); and, per route, whether the ensemble's held-out score beats the 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import platform
@@ -42,12 +46,12 @@ def device_line() -> str:
     return line
 
 
-def run_job(size: str, output_dir: Path, extra_args: list[str]) -> tuple[float, float]:
+def run_job(size: str, output_dir: Path, extra_args: list[str], data_dir: Path | None = None) -> tuple[float, float]:
     """(wall-clock seconds, peak RSS of the child in GiB) of one main-job run into a fresh folder."""
     if output_dir.exists():
         shutil.rmtree(output_dir)
-    command = [sys.executable, str(ROOT / "train_infer.py"), "--synthetic", "--synthetic-size", size,
-               "--output-dir", str(output_dir), *extra_args]
+    data = ["--data-dir", str(data_dir)] if data_dir else ["--synthetic", "--synthetic-size", size]
+    command = [sys.executable, str(ROOT / "train_infer.py"), *data, "--output-dir", str(output_dir), *extra_args]
     print("Running:", " ".join(command), flush=True)
     started = time.perf_counter()
     log_path = CACHE / f"e2e_{size}.log"
@@ -106,6 +110,13 @@ def print_report(summary: dict, wall: float | None, peak_gib: float | None) -> N
         verdict = "above" if margin > 0 else "NOT above"
         print(f"route {route}: ensemble {ensemble['oof_score']:.4f} vs best single family {best['family']} "
               f"{best['oof_score']:.4f} -> {margin:+.4f} ({verdict})")
+    access = summary.get("deep_frame_access")
+    if access:
+        share = "-" if access["share"] is None else f"{access['share']:.2%}"
+        print(f"deep-model frame access: {access['build_seconds'] + access['fold_slice_seconds']:.2f} s (arrays built "
+              f"once {access['build_seconds']:.2f} s, fold slices {access['fold_slice_seconds']:.2f} s) = {share} of the "
+              f"deep families' {access['deep_training_seconds']:.0f} s; lookups after the build: "
+              f"{access['lookups_after_build']}")
     synthetic = summary.get("inference", {}).get("synthetic_test", {})
     for route, s in synthetic.items():
         print(f"synthetic hold-out test, {route}: {s['n']} sequences, score {s['score']:.4f}")
@@ -116,16 +127,25 @@ def main() -> None:
     parser.add_argument("--size", choices=("demo", "full"), default="demo", help="synthetic set size")
     parser.add_argument("--output-dir", type=Path, help="run folder (default bench/.cache/e2e_<size>; emptied first)")
     parser.add_argument("--report", type=Path, metavar="DIR", help="only print the tables of the run in DIR")
+    parser.add_argument("--data-dir", type=Path, help="competition-format data instead of a synthetic set")
+    parser.add_argument("--out", type=Path, metavar="DIR", help="also write the tables to DIR/bench_end_to_end.md")
     args, extra = parser.parse_known_args()
     if args.report is not None:
         path = args.report / "run_summary.json"
         if not path.is_file():
             raise SystemExit(f"--report {args.report}: no run_summary.json there")
-        print_report(json.loads(path.read_text(encoding="utf-8")), None, None)
-        return
-    output_dir = args.output_dir or CACHE / f"e2e_{args.size}"
-    wall, peak = run_job(args.size, output_dir, extra)
-    print_report(json.loads((output_dir / "run_summary.json").read_text(encoding="utf-8")), wall, peak)
+        summary, wall, peak = json.loads(path.read_text(encoding="utf-8")), None, None
+    else:
+        output_dir = args.output_dir or CACHE / f"e2e_{args.size}"
+        wall, peak = run_job(args.size, output_dir, extra, args.data_dir)
+        summary = json.loads((output_dir / "run_summary.json").read_text(encoding="utf-8"))
+    report = io.StringIO()
+    with contextlib.redirect_stdout(report):
+        print_report(summary, wall, peak)
+    print(report.getvalue(), end="")
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "bench_end_to_end.md").write_text(report.getvalue(), encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ def test_defaults_follow_the_design_notes():
     assert s.dl.FIXED_PAD_LEN == 90 and s.dl.PAD_LEN_PERCENTILE == 95
     assert s.dl.BATCH_SIZE == 512 and s.dl.ACCUM_STEPS == 1 and s.dl.NUM_WORKERS == 2
     assert s.dl.ES_PATIENCE == 6 and s.dl.ES_MIN_DELTA == 1e-4
-    assert s.frame_cache.MAX_ITEMS == 1600 and s.frame_cache.MAX_BYTES == 2048 * 1024 * 1024
+    assert s.frame_cache.MAX_ITEMS is None and s.frame_cache.MAX_BYTES == 2048 * 1024 * 1024   # items: from the data
     assert s.keras.BATCH_SIZE == 512 and s.keras.EARLY_STOPPING_PATIENCE == 3 and s.keras.REDUCE_LR_PATIENCE == 2
     assert s.keras_speed.MIXED_PRECISION is None and s.keras_speed.JIT_COMPILE is False
     assert s.ensemble.TRIALS == 1024

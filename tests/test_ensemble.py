@@ -196,3 +196,11 @@ def test_a_family_that_fails_to_train_is_left_out(tiny_data, tmp_path, monkeypat
     log = (tmp_path / "train_log.txt").read_text()
     assert "torch imu failed to train" in log and "CUDA driver too old (injected)" in log
     assert result["inference"]["warnings"].get("fallback", 0) == 0
+
+
+def test_the_default_run_builds_the_deep_arrays_once_and_no_fold_reads_a_frame(all_families_run):
+    log = (all_families_run[0] / "train_log.txt").read_text()
+    built = [line for line in log.splitlines() if "built once" in line]
+    assert len(built) == 2 and all("hit rate 100.0%" in line for line in built)   # imu and full, pad 90, shared
+    assert "Frame access by the deep folds after the arrays were built: 0 lookups" in log
+    assert "frame features (one pass over the table) done" in log and "frame + aggregate" not in log

@@ -35,7 +35,7 @@ def _raw_source(train):
 
 def _fresh(train, sid):
     frames = ti.build_frame_features(train.filter(pl.col("sequence_id") == sid))
-    return ti.clean_frame_array(frames.select(ti.FRAME_FEATURES).to_numpy())
+    return ti.frame_array(frames.select(ti.FRAME_FEATURES).to_numpy())
 
 
 def test_store_frames_equal_frames_computed_fresh(train, built_store):
@@ -45,7 +45,7 @@ def test_store_frames_equal_frames_computed_fresh(train, built_store):
     assert sorted(p.stem for p in store.folder.glob("*.parquet")) == sorted(ids)
     for sid in ids[:: max(1, len(ids) // 25)]:
         assert pl.read_parquet(store.path(sid)).columns == ti.FRAME_FEATURES
-        assert np.array_equal(store.read(sid), _fresh(train, sid))
+        assert np.array_equal(store.read(sid), _fresh(train, sid), equal_nan=True)
 
 
 def test_left_handed_sequences_are_stored_mirrored(train, built_store):
@@ -55,10 +55,10 @@ def test_left_handed_sequences_are_stored_mirrored(train, built_store):
         pytest.skip("no left-handed subject in the tiny set")
     sid = left[0]
     rows = train.filter(pl.col("sequence_id") == sid)
-    unmirrored = ti.clean_frame_array(ti.build_frame_features(rows, mirror_left_handed=False)
-                                      .select(ti.FRAME_FEATURES).to_numpy())
-    assert np.array_equal(store.read(sid), _fresh(train, sid))
-    assert not np.array_equal(store.read(sid), unmirrored)
+    unmirrored = ti.frame_array(ti.build_frame_features(rows, mirror_left_handed=False)
+                                .select(ti.FRAME_FEATURES).to_numpy())
+    assert np.array_equal(store.read(sid), _fresh(train, sid), equal_nan=True)
+    assert not np.array_equal(store.read(sid), unmirrored, equal_nan=True)
 
 
 def test_second_build_skips_valid_files(train, built_store):
@@ -101,9 +101,9 @@ def test_corrupt_file_is_logged_recomputed_and_rewritten(train, built_store, war
     values = cache.get(sid)
     assert "unreadable" in warnings_seen.text and sid in warnings_seen.text
     assert cache.take_counts()["computed"] == 1
-    assert np.array_equal(values, _fresh(train, sid))
+    assert np.array_equal(values, _fresh(train, sid), equal_nan=True)
     n = train.filter(pl.col("sequence_id") == sid).height
-    assert store.is_valid(sid, n) and np.array_equal(store.read(sid), values)   # rewritten
+    assert store.is_valid(sid, n) and np.array_equal(store.read(sid), values, equal_nan=True)   # rewritten
 
 
 def test_build_rewrites_a_truncated_file(train, built_store):
@@ -112,7 +112,7 @@ def test_build_rewrites_a_truncated_file(train, built_store):
     data = store.path(sid).read_bytes()
     store.path(sid).write_bytes(data[: len(data) // 2])
     assert ti.build_frame_feature_store(train, store)["written"] == 1
-    assert np.array_equal(store.read(sid), _fresh(train, sid))
+    assert np.array_equal(store.read(sid), _fresh(train, sid), equal_nan=True)
 
 
 def test_interrupted_write_leaves_no_partial_file(train, tmp_path, monkeypatch):
@@ -140,7 +140,7 @@ def test_lru_evicts_by_item_count(train, built_store):
     cache.get(c)                                           # evicts b, the least recently used
     assert a in cache and c in cache and b not in cache and len(cache) == 2
     counts = cache.take_counts()
-    assert counts == {"hits": 1, "store_reads": 3, "computed": 0, "evicted": 1, "hit_rate": 0.25}
+    assert counts == {"hits": 1, "store_reads": 3, "computed": 0, "evicted": 1, "lookups": 4, "hit_rate": 0.25}
     assert cache.take_counts()["hits"] == 0                # counters reset
 
 
@@ -182,17 +182,20 @@ def test_missing_frames_are_computed_from_raw_and_stored(train, tmp_path):
     store.open()
     sid = train["sequence_id"][0]
     cache = ti.FrameFeatureCache(store, 10, 2**30, raw_source=_raw_source(train))
-    assert np.array_equal(cache.get(sid), _fresh(train, sid))
+    assert np.array_equal(cache.get(sid), _fresh(train, sid), equal_nan=True)
     assert cache.take_counts()["computed"] == 1 and store.path(sid).is_file()
     with pytest.raises(KeyError, match="no raw data"):
         ti.FrameFeatureCache(store, 10, 2**30).get("SEQ_999999")
 
 
-def test_no_nan_or_inf_reaches_a_model(train, built_store):
+def test_missing_values_stay_nan_until_a_model_consumes_them(train, built_store):
     store, _ = built_store
     cache = ti.FrameFeatureCache(store, 1000, 2**30)
-    for sid in train["sequence_id"].unique().to_list()[:50]:
-        assert np.isfinite(cache.get(sid)).all()
+    ids = train["sequence_id"].unique(maintain_order=True).to_list()
+    assert any(np.isnan(cache.get(sid)).any() for sid in ids)          # ToF -1, null sensors: NaN, not 0
+    inputs = ti.DeepInputs(cache, ids, np.ones(len(ids)))
+    x, mask = inputs.take("full", 90, np.arange(len(ids)))
+    assert np.isfinite(x).all() and x.dtype == np.float32 and mask.shape == x.shape[:2]
 
 
 def test_padding_keeps_the_last_frames():
@@ -224,25 +227,114 @@ def test_preload_reads_the_store_in_threads_then_hits(train, built_store):
     assert cache.take_counts()["hit_rate"] == 1.0
 
 
-def test_load_padded_frames_logs_the_hit_rate(train, built_store, warnings_seen):
-    store, _ = built_store
-    ids = train["sequence_id"].unique().to_list()[:20]
-    cache = ti.FrameFeatureCache(store, 100, 2**30)
-    ti.load_padded_frames(cache, ids, 90, "fold 0 epoch 1")
-    ti.load_padded_frames(cache, ids, 90, "fold 0 epoch 2")
-    assert "fold 0 epoch 1: 20 sequences through the frame cache" in warnings_seen.text
-    assert "fold 0 epoch 2: 20 sequences through the frame cache" in warnings_seen.text
-    assert "hit rate 100.0% (20 hits, 0 store reads" in warnings_seen.text
-
-
 def test_a_file_without_nulls_reads_back_writable(tmp_path):
-    # polars hands out a read-only zero-copy view for a null-free float table; cleaning must copy.
+    # polars hands out a read-only zero-copy view for a null-free float table; reading must copy.
     store = ti.FrameFeatureStore(tmp_path / "fs")
     store.open()
     frames = pl.DataFrame({name: np.array([1.0, np.inf, 3.0], dtype=np.float32) for name in ti.FRAME_FEATURES})
     store.write("SEQ_000001", frames)
     values = store.read("SEQ_000001")
-    assert values.flags.writeable and values[1].tolist() == [0.0] * len(ti.FRAME_FEATURES)
+    assert values.flags.writeable and np.isnan(values[1]).all() and (values[0] == 1).all()
     view = np.ones((2, 3), dtype=np.float32)
     view.flags.writeable = False
-    ti.clean_frame_array(view)                               # no "assignment destination is read-only"
+    ti.frame_array(view)                                     # no "assignment destination is read-only"
+    assert ti.fill_missing_frames(values)[1].tolist() == [0.0] * len(ti.FRAME_FEATURES)
+
+
+# ── One frame pass per run, one array per route ────────────────────────────────────────────────────────
+
+@pytest.fixture(scope="module")
+def frame_pass(train):
+    return ti.SequenceFrames.from_table(train, mirror_left_handed=True)
+
+
+def test_the_frame_pass_equals_the_frame_features_of_the_table(train, frame_pass):
+    assert frame_pass.table().equals(ti.build_frame_features(train))
+    assert frame_pass.ids == ti.sequence_table(train)["sequence_id"].to_list()
+    assert frame_pass.lengths.sum() == train.height
+    with pytest.raises(ValueError):
+        frame_pass.sequence(0)[0, 0] = 1.0                  # the views handed to the cache are read-only
+
+
+def test_the_frame_pass_feeds_the_store_and_the_aggregates(train, frame_pass, built_store, tmp_path):
+    store = ti.FrameFeatureStore(tmp_path / "from_pass")
+    stats = ti.build_frame_feature_store(train, store, workers=2, frames=frame_pass)
+    assert stats["written"] == len(frame_pass.ids)
+    reference, _ = built_store                               # built the old way, from the raw rows
+    for sid in frame_pass.ids[:: max(1, len(frame_pass.ids) // 20)]:
+        assert np.array_equal(store.read(sid), reference.read(sid), equal_nan=True)
+    assert ti.build_feature_table(train, True, frame_pass).equals(ti.build_feature_table(train, True))
+    with pytest.raises(ValueError, match="mirror"):
+        ti.build_frame_feature_store(train, ti.FrameFeatureStore(tmp_path / "other", False), frames=frame_pass)
+
+
+@pytest.mark.parametrize("variant,pad_len", [("imu", 90), ("full", 90), ("full", 37)])
+def test_route_arrays_equal_the_per_sequence_path(train, frame_pass, variant, pad_len):
+    cache = ti.frame_cache_for_run(frame_pass, None, ti.FrameCacheConfig())
+    inputs = ti.DeepInputs(cache, frame_pass.ids, frame_pass.lengths)
+    x, mask = inputs.arrays(variant, pad_len)
+    columns = ti.frame_feature_index(variant)
+    assert x.shape == (len(frame_pass.ids), pad_len, len(columns))
+    for i, sid in enumerate(frame_pass.ids):
+        alone = ti.build_frame_features(train.filter(pl.col("sequence_id") == sid))   # as predict() computes it
+        expected, expected_mask = ti.pad_last_frames(ti.frame_array(alone.select(ti.FRAME_FEATURES).to_numpy()),
+                                                     pad_len)
+        assert np.array_equal(x[i], expected[:, columns], equal_nan=True), sid
+        assert np.array_equal(mask[i], expected_mask), sid
+    assert inputs.arrays(variant, pad_len)[0] is x            # built once, then shared
+
+
+def test_route_arrays_are_built_once_from_memory_and_logged(train, frame_pass, warnings_seen):
+    cache = ti.frame_cache_for_run(frame_pass, None, ti.FrameCacheConfig())
+    assert cache.max_items == len(frame_pass.ids) and len(cache) == len(frame_pass.ids)   # sized from the data
+    assert "sized from the data" in warnings_seen.text
+    inputs = ti.DeepInputs(cache, frame_pass.ids, frame_pass.lengths)
+    for _ in range(3):                                        # three "folds" of two families
+        inputs.take("full", 90, np.arange(0, len(frame_pass.ids), 2))
+        inputs.take("imu", 90, np.arange(1, len(frame_pass.ids), 2))
+    built = {r.getMessage() for r in warnings_seen.records if "built once" in r.getMessage()}   # a record may reach caplog twice
+    assert len(built) == 2 and all("hit rate 100.0%" in line and " 0 store reads" in line for line in built)
+    assert cache.take_counts()["lookups"] == 0                # the folds looked nothing up
+
+
+def test_a_byte_bound_smaller_than_the_data_primes_what_fits_and_says_so(train, frame_pass, built_store,
+                                                                      warnings_seen, monkeypatch):
+    monkeypatch.setenv("FRAME_CACHE_MAX_MB", "1")
+    store, _ = built_store
+    cache = ti.frame_cache_for_run(frame_pass, store, ti.FrameCacheConfig())
+    assert 0 < len(cache) < len(frame_pass.ids) and cache.bytes <= 2**20 and cache.counts["evicted"] == 0
+    assert "FRAME_CACHE_MAX_MB" in warnings_seen.text
+    x, _ = ti.DeepInputs(cache, frame_pass.ids, frame_pass.lengths).arrays("full", 90)   # the rest from the store
+    counts_line = [r.getMessage() for r in warnings_seen.records if "built once" in r.getMessage()][0]
+    assert "store reads" in counts_line and " 0 store reads" not in counts_line
+    monkeypatch.delenv("FRAME_CACHE_MAX_MB")
+    everything = ti.frame_cache_for_run(frame_pass, None, ti.FrameCacheConfig())
+    assert np.array_equal(x, ti.DeepInputs(everything, frame_pass.ids, frame_pass.lengths).arrays("full", 90)[0],
+                          equal_nan=True)
+
+
+def test_no_fold_of_either_deep_family_reads_a_frame(train, frame_pass, tmp_path, monkeypatch):
+    cache = ti.frame_cache_for_run(frame_pass, None, ti.FrameCacheConfig())
+    inputs = ti.DeepInputs(cache, frame_pass.ids, frame_pass.lengths)
+    for variant in ti.VARIANTS:
+        inputs.arrays(variant, 90)                           # what the first fold of the first family triggers
+
+    def no_lookup(*args, **kwargs):
+        raise AssertionError("a fold looked a sequence up")
+
+    monkeypatch.setattr(ti.FrameFeatureCache, "get", no_lookup)
+    monkeypatch.setattr(ti.FrameFeatureStore, "read", no_lookup)
+    monkeypatch.setattr(ti, "build_frame_features", no_lookup)
+    sequences = ti.sequence_table(train)
+    folds = ti.make_folds(sequences, 2, 0)
+    monkeypatch.setenv("DL_BATCH_SIZE", "64")
+    monkeypatch.setenv("KERAS_BATCH_SIZE", "64")
+    dl_cfg, keras_cfg = ti.DLConfig(), ti.KerasConfig()
+    dl_cfg.EPOCHS = keras_cfg.EPOCHS = 1
+    torch_result = ti.train_torch(inputs, sequences, folds, "full", dl_cfg, 0, tmp_path)
+    keras_result = ti.train_keras(inputs, sequences, folds, "imu", keras_cfg, ti.KerasSpeedConfig(), 0, tmp_path)
+    assert np.isfinite(torch_result.oof_probs[torch_result.eval_mask]).all()
+    assert np.isfinite(keras_result.oof_probs).all()
+    with pytest.raises(ValueError, match="other sequences"):
+        ti.train_torch(ti.DeepInputs(cache, frame_pass.ids[::-1], frame_pass.lengths), sequences, folds, "full",
+                       dl_cfg, 0, tmp_path)

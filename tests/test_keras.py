@@ -134,7 +134,7 @@ def test_keras_checkpoint_reloads_and_reproduces_the_out_of_fold_probabilities(a
     store = ti.FrameFeatureStore(out / "frame_features")
     fold0 = oof.filter((pl.col("fold") == 0) & pl.col("has_thm_tof")).head(5)
     for row in fold0.iter_rows(named=True):
-        frames = ti.clean_frame_array(store.read(row["sequence_id"]))
+        frames = ti.fill_missing_frames(store.read(row["sequence_id"]))
         probs = family.predict(ti.SequenceInputs(frames, {}))
         expected = np.array([row[f"keras_full__{g}"] for g in ti.GESTURES])
         np.testing.assert_allclose(probs, expected, atol=1e-4)
