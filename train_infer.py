@@ -2300,6 +2300,11 @@ class KerasFoldTrainer:
         mean, std = frame_statistics(x_train, m_train)
         fold_model = build_keras_model(self.in_features, self.pad_len, self.cfg.CONV_BLOCKS, mean, std, name=name)
         self.model.set_weights(fold_model.get_weights())
+        # Dropout's random state is no weight: copied from the fold model too, or each fold would draw its
+        # masks from wherever the previous fold left them, and runs would not repeat.
+        for layer in fold_model.layers:
+            for own, fresh in zip(self.model.get_layer(layer.name)._seed_generators, layer._seed_generators):
+                own.state.assign(fresh.state)
         for variable, start in zip(self.model.optimizer.variables, self.optimizer_start):
             variable.assign(start)
         history: list[dict[str, Any]] = []

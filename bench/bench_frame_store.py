@@ -1,16 +1,21 @@
-"""Frame-feature store and LRU cache on the `full` synthetic set (81 subjects, ~8,150 sequences).
+"""Frame features, store, cache and the deep models' arrays on the `full` synthetic set (81 subjects, ~8,150
+sequences).
 
     python bench/bench_frame_store.py
 
-Rows: cold build of the Parquet store; the warm re-check that skips valid files; warm load of every
-sequence into the cache; one epoch of frame access through the warm cache against recomputing every
-sequence's frames (the design notes' original cost); memory hit rate per epoch with a cache large enough
-for the data and with the default FRAME_CACHE_MAX_ITEMS. Prints a Markdown table for the README.
+Rows: the run's one frame pass over the whole table; a cold build of the Parquet store from that pass; the
+warm re-check that skips valid files; the cache primed from the pass; the deep models' arrays for both
+routes, built once through it; every fold's slices of them as a default run takes them (2 deep families x
+2 routes x 5 folds); for comparison, one epoch of frame access recomputing every sequence (the design
+notes' original cost) and reading every sequence from the store; and the hit rate of an LRU scanned in the
+same order every epoch, sized from the data (the default) and at the notes' former 1,600 items. Prints a
+Markdown table for the README.
 """
 from __future__ import annotations
 
 import shutil
 
+import numpy as np
 import polars as pl
 
 from common import CACHE, full_synthetic_dir, print_stage_table, ti, timed
@@ -18,60 +23,68 @@ from common import CACHE, full_synthetic_dir, print_stage_table, ti, timed
 
 def main() -> None:
     ti.setup_logging(None)
-    cache_dir = CACHE
-    data_dir = full_synthetic_dir()
-    train = ti.load_train_data(data_dir)
-    ids = train["sequence_id"].unique(maintain_order=True).to_list()
+    train = ti.load_train_data(full_synthetic_dir())
+    sequences = ti.sequence_table(train)
+    folds = ti.make_folds(sequences, 5, 42)
     rows = []
 
-    store_dir = cache_dir / "frame_features_full"
+    frames, seconds = timed(ti.SequenceFrames.from_table, train, True)
+    rows.append(("**one frame pass over the whole table** (feeds the store, the aggregates and the cache)",
+                 f"**{seconds:.1f} s**", f"{len(frames.ids):,} sequences, {frames.values.nbytes / 2**20:.0f} MB"))
+    store_dir = CACHE / "frame_features_full"
     shutil.rmtree(store_dir, ignore_errors=True)
     store = ti.FrameFeatureStore(store_dir)
-    stats, seconds = timed(ti.build_frame_feature_store, train, store, 2)
+    stats, seconds = timed(ti.build_frame_feature_store, train, store, 2, frames)
     size_mb = sum(p.stat().st_size for p in store_dir.glob("*.parquet")) / 2**20
-    rows.append(("**cold store build** (frames for the whole table + one Parquet file per sequence; target < 60 s)",
-                 f"**{seconds:.1f} s**", f"{stats['written']:,} files, {size_mb:.0f} MB"))
-    stats, seconds = timed(ti.build_frame_feature_store, train, store, 2)
+    rows.append(("cold store build from the pass (one Parquet file per sequence)", f"{seconds:.1f} s",
+                 f"{stats['written']:,} files, {size_mb:.0f} MB"))
+    stats, seconds = timed(ti.build_frame_feature_store, train, store, 2, frames)
     rows.append(("warm store check (every file's footer validated, nothing rebuilt)", f"{seconds:.1f} s",
                  f"{stats['skipped']:,} skipped"))
 
-    big = ti.FrameFeatureCache(store, max_items=len(ids) + 1, max_bytes=8 * 2**30)
-    _, seconds = timed(big.preload, ids, 2)
-    rows.append(("**warm load of every sequence into the cache** (2 reader threads; target < 15 s)",
-                 f"**{seconds:.1f} s**", f"{len(big):,} sequences, {big.bytes / 2**20:.0f} MB in memory"))
-    big.take_counts()
+    cache, seconds = timed(ti.frame_cache_for_run, frames, store, ti.FrameCacheConfig())
+    rows.append(("cache primed from the pass (FRAME_CACHE_MAX_ITEMS unset: sized from the data)", f"{seconds:.2f} s",
+                 f"{len(cache):,} sequences, {cache.bytes / 2**20:.0f} MB, no copy"))
+    inputs = ti.DeepInputs(cache, frames.ids, frames.lengths)
+    for variant in ti.VARIANTS:
+        (x, _), seconds = timed(inputs.arrays, variant, 90)
+        rows.append((f"deep arrays, {variant} route, pad 90, built once", f"{seconds:.2f} s",
+                     f"{x.nbytes / 2**20:.0f} MB float32"))
 
-    def epoch_through_cache(cache):
-        for sid in ids:
-            cache.get(sid)
+    def every_fold_slice():
+        for _family in ("torch", "keras"):
+            for variant in ti.VARIANTS:
+                for fold in range(5):
+                    inputs.take(variant, 90, np.where(folds != fold)[0])
+                    inputs.take(variant, 90, np.where(folds == fold)[0])
 
-    _, cached_epoch = timed(epoch_through_cache, big)
-    counts = big.take_counts()
+    _, slices = timed(every_fold_slice)
+    counts = cache.take_counts()
+    rows.append(("**every deep fold's frames** (2 families x 2 routes x 5 folds: train and valid slices)",
+                 f"**{slices:.2f} s**", f"lookups after the arrays were built: {counts['lookups']}"))
+
     raw_by_id = {key[0]: part for key, part in train.partition_by("sequence_id", as_dict=True).items()}
 
     def epoch_recomputed():
-        for sid in ids:
-            ti.clean_frame_array(ti.build_frame_features(raw_by_id[sid]).select(ti.FRAME_FEATURES).to_numpy())
+        for sid in frames.ids:
+            ti.build_frame_features(raw_by_id[sid]).select(ti.FRAME_FEATURES).to_numpy()
 
     _, recomputed_epoch = timed(epoch_recomputed)
     rows.append(("one epoch of frame access, recomputing every sequence (the notes' original cost)",
-                 f"{recomputed_epoch:.1f} s", f"{len(ids):,} sequences"))
-    rows.append(("one epoch of frame access through the warm cache", f"{cached_epoch * 1000:.0f} ms",
-                 f"hit rate {100 * counts['hit_rate']:.1f}%"))
-    rows.append(("**speed-up, cache vs recompute** (target >= 20x)", f"**{recomputed_epoch / cached_epoch:,.0f}x**",
-                 "same sequences, same run"))
-    (x, _), seconds = timed(ti.padded_frames, big, ids, 90)
-    rows.append(("padded arrays for every sequence (pad 90, last frames kept), warm cache", f"{seconds:.2f} s",
-                 f"{x.nbytes / 2**20:.0f} MB float32"))
+                 f"{recomputed_epoch:.1f} s", f"{len(frames.ids):,} sequences"))
+    cold = ti.FrameFeatureCache(store, len(frames.ids), 8 * 2**30)
+    _, seconds = timed(cold.preload, frames.ids, 2)
+    rows.append(("one epoch of frame access, reading every sequence from the store (2 threads)", f"{seconds:.1f} s",
+                 f"{cold.take_counts()['store_reads']:,} reads"))
 
-    for label, items in (("large enough", len(ids) + 1), ("default FRAME_CACHE_MAX_ITEMS", ti.FrameCacheConfig().MAX_ITEMS)):
-        cache = ti.FrameFeatureCache(store, max_items=items, max_bytes=ti.FrameCacheConfig().MAX_BYTES)
-        cache.warn_if_too_small(len(ids), big.bytes / len(ids))
+    for label, items in (("sized from the data (default)", len(frames.ids)), ("the notes' former 1,600 items", 1600)):
+        lru = ti.FrameFeatureCache(store, max_items=items, max_bytes=ti.FrameCacheConfig().MAX_BYTES)
         rates = []
         for _ in range(3):
-            epoch_through_cache(cache)
-            rates.append(100 * cache.take_counts()["hit_rate"])
-        rows.append((f"hit rate per epoch, cache {label} ({items:,} items)", "",
+            for sid in frames.ids:
+                lru.get(sid)
+            rates.append(100 * lru.take_counts()["hit_rate"])
+        rows.append((f"LRU hit rate per epoch, scanned in order, {label} ({items:,} items)", "",
                      " / ".join(f"epoch {i + 1}: {r:.1f}%" for i, r in enumerate(rates))))
 
     print_stage_table(rows, f"polars {pl.__version__}")

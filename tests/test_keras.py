@@ -155,3 +155,81 @@ def test_predict_calls_the_models_directly_not_model_predict(all_families_run, t
         probs, _ = predictor.predict_proba(sequence, demo)
         assert probs.shape == (18,) and np.isfinite(probs).all()
     ti.configure_inference(None)
+
+
+# ── A quiet start: TensorFlow's C++ INFO lines off unless the user asked for them ──────────────────────
+
+def test_info_records_are_dropped_and_warnings_kept():
+    text = ("WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n"
+            "I0000 00:00:1795788531.934878    2726 port.cc:153] oneDNN custom operations are on.\n"
+            "I0000 00:00:1795788532.239246    2726 cpu_feature_guard.cc:227] This TensorFlow binary is optimized\n"
+            "To enable the following instructions: AVX2 FMA, rebuild TensorFlow with the appropriate compiler flags.\n"
+            "W0000 00:00:1795788532.3    2726 gpu_device.cc:2] Cannot dlopen some GPU libraries.\n"
+            "a line of our own\n")
+    assert ti.drop_tensorflow_info_lines(text) == ("W0000 00:00:1795788532.3    2726 gpu_device.cc:2] Cannot dlopen "
+                                                   "some GPU libraries.\na line of our own\n")
+
+
+def test_the_log_level_is_set_only_when_the_user_did_not(monkeypatch):
+    monkeypatch.delenv("TF_CPP_MIN_LOG_LEVEL", raising=False)
+    assert ti.quiet_tensorflow_logs() and os.environ["TF_CPP_MIN_LOG_LEVEL"] == "1"
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "0")
+    assert not ti.quiet_tensorflow_logs() and os.environ["TF_CPP_MIN_LOG_LEVEL"] == "0"
+
+
+QUIET_SCRIPT = """
+import sys, train_infer as ti
+ti.keras_backend_and_gpu()
+import tensorflow as tf
+print(tf.reduce_sum(tf.ones(3)).numpy())
+print("level", __import__("os").environ.get("TF_CPP_MIN_LOG_LEVEL"))
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None, reason="the chatter is TensorFlow's")
+@pytest.mark.parametrize("user_level", [None, "0"])
+def test_tensorflow_start_up_chatter_is_off_unless_the_user_set_the_level(tmp_path, user_level):
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "KERAS_BACKEND")}
+    env["PYTHONPATH"] = str(ROOT)
+    if user_level is not None:
+        env["TF_CPP_MIN_LOG_LEVEL"] = user_level
+    proc = subprocess.run([sys.executable, "-c", QUIET_SCRIPT], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"level {user_level or '1'}" in proc.stdout
+    chatter = ("oneDNN custom operations" in proc.stderr, "rebuild TensorFlow" in proc.stderr)
+    if user_level is None:
+        assert chatter == (False, False), proc.stderr
+    else:
+        assert chatter[0], proc.stderr                      # the user's own level: TensorFlow's output untouched
+
+
+# ── One compiled model per variant: a reused trainer trains a fold exactly as a fresh one would ────────
+
+def _fold_arrays(seed, n=160, pad=90, features=21):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, pad, features)).astype(np.float32)
+    mask = (np.arange(pad)[None, :] < rng.integers(20, pad, n)[:, None]).astype(np.float32)
+    return x * mask[..., None], mask, rng.integers(0, len(ti.GESTURES), n)
+
+
+def test_a_reused_trainer_trains_each_fold_exactly_as_a_fresh_model(tmp_path, monkeypatch):
+    monkeypatch.setenv("KERAS_BATCH_SIZE", "64")
+    keras_cfg, runtime = ti.KerasConfig(), ti.keras_runtime(ti.KerasSpeedConfig())
+    folds = [(_fold_arrays(1), _fold_arrays(2, n=40)), (_fold_arrays(3, n=150), _fold_arrays(4, n=30))]
+
+    def fit(trainer, k):
+        (x, m, y), (xv, mv, yv) = folds[k]
+        result = trainer.fit_fold(x, m, y, xv, mv, yv, np.ones(len(yv), bool), 2, 100 + k, f"k{k}", f"keras_t_fold{k}",
+                                  tmp_path / f"{id(trainer)}_{k}.keras")
+        return [h["loss"] for h in result["history"]], result["probs"]
+
+    reused = ti.KerasFoldTrainer(21, 90, keras_cfg, runtime, "keras_t")
+    first, second = fit(reused, 0), fit(reused, 1)           # fold 1 on the model fold 0 trained
+    fresh = fit(ti.KerasFoldTrainer(21, 90, keras_cfg, runtime, "keras_t"), 1)
+    again = fit(ti.KerasFoldTrainer(21, 90, keras_cfg, runtime, "keras_t"), 0)
+    assert second[0] == fresh[0] and np.array_equal(second[1], fresh[1])      # nothing carried over between folds
+    assert first[0] == again[0] and np.array_equal(first[1], again[1])        # and runs repeat
+    assert first[0] != second[0]
+    saved = keras.saving.load_model(tmp_path / f"{id(reused)}_1.keras")
+    assert saved.name == "keras_t_fold1"                     # each fold's file carries its own name
