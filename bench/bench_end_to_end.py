@@ -54,7 +54,7 @@ def run_job(size: str, output_dir: Path, extra_args: list[str], data_dir: Path |
     command = [sys.executable, str(ROOT / "train_infer.py"), *data, "--output-dir", str(output_dir), *extra_args]
     print("Running:", " ".join(command), flush=True)
     started = time.perf_counter()
-    log_path = CACHE / f"e2e_{size}.log"
+    log_path = output_dir.with_name(output_dir.name + ".log")                  # beside the run folder
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w", encoding="utf-8") as log:
         code = subprocess.call(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)

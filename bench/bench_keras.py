@@ -72,9 +72,9 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=50, help="timed predict calls per call style")
     parser.add_argument("--skip-mixed", action="store_true", help="float32 only (mixed precision is slow on CPU)")
     args = parser.parse_args()
-    import keras
     ti.setup_logging(None)
-    runtime = ti.keras_runtime(ti.KerasSpeedConfig())
+    runtime = ti.keras_runtime(ti.KerasSpeedConfig())    # imports Keras quietly, before anything else does
+    import keras
     train = ti.load_train_data(args.data_dir or full_synthetic_dir())
     subjects = sorted(train["subject"].unique().to_list())[: args.subjects]
     train = train.filter(pl.col("subject").is_in(subjects))
