@@ -219,7 +219,7 @@ class FrameCacheConfig:
 
 @dataclass
 class DLConfig:
-    """Torch TimeSeriesNet (issue [3/5]); defaults are the design notes' sections 1-1, 1-3 and 2-2."""
+    """Torch TimeSeriesNet; defaults are the design notes' sections 1-1, 1-3 and 2-2."""
     OUTPUT_PATH: str = field(default_factory=lambda: env_str("CMI_OUTPUT_DIR", _default_output_dir()))
     PAD_LEN_PERCENTILE: int = field(default_factory=lambda: env_int("DL_PAD_LEN_PERCENTILE", 95, minimum=1))  # used only without FIXED_PAD_LEN
     FIXED_PAD_LEN: int | None = field(default_factory=lambda: env_int("DL_FIXED_PAD_LEN", 90, minimum=0) or None)  # 0 = use the percentile
@@ -241,7 +241,7 @@ class DLConfig:
 
 @dataclass
 class KerasConfig:
-    """Keras model (issue [4/5]); defaults are the design notes' sections 1-1, 1-3 and 1-4."""
+    """Keras model; defaults are the design notes' sections 1-1, 1-3 and 1-4."""
     FIXED_PAD_LEN: int = field(default_factory=lambda: env_int("KERAS_FIXED_PAD_LEN", 90, minimum=8))
     BATCH_SIZE: int = field(default_factory=lambda: env_int("KERAS_BATCH_SIZE", 512, minimum=1))
     EARLY_STOPPING_PATIENCE: int = field(default_factory=lambda: env_int("KERAS_ES_PATIENCE", 3, minimum=1))
