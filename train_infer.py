@@ -1332,9 +1332,7 @@ def padded_frames(cache: FrameFeatureCache, sequence_ids: Sequence[str], pad_len
     x = np.zeros((len(sequence_ids), pad_len, len(index)), dtype=np.float32)
     mask = np.zeros((len(sequence_ids), pad_len), dtype=np.float32)
     for i, sequence_id in enumerate(sequence_ids):
-        kept = cache.get(sequence_id)[-pad_len:]
-        x[i, : len(kept)] = kept[:, index]
-        mask[i, : len(kept)] = 1.0
+        x[i], mask[i] = pad_last_frames(cache.get(sequence_id)[-pad_len:, index], pad_len)
     return x, mask
 
 
@@ -1350,6 +1348,11 @@ class DeepInputs:
         self.lengths = np.asarray(lengths)
         self._arrays: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
         self.seconds = {"build": 0.0, "fold_slices": 0.0}   # all frame access of the deep families, for the log
+
+    def require_order(self, sequences: pl.DataFrame) -> None:
+        """A trainer's rows are the sequence table's: stop if these arrays were built for another order."""
+        if self.ids != sequences["sequence_id"].to_list():
+            raise ValueError("the deep inputs were built for other sequences than the sequence table's")
 
     def arrays(self, variant: str, pad_len: int) -> tuple[np.ndarray, np.ndarray]:
         """(N x pad_len x variant's features, NaN = missing) and (N x pad_len) mask, in sequence-table order."""
@@ -1905,8 +1908,7 @@ def train_torch(inputs: DeepInputs, sequences: pl.DataFrame, folds: np.ndarray, 
     dl_cfg = dataclasses.replace(dl_cfg, EPOCHS=resolve_epochs(dl_cfg.EPOCHS, runtime.device.type == "cuda",
                                                                "DL_EPOCHS"))
     started = time.perf_counter()
-    if inputs.ids != sequences["sequence_id"].to_list():
-        raise ValueError("the deep inputs were built for other sequences than the sequence table's")
+    inputs.require_order(sequences)
     y = sequences["label"].to_numpy()
     eval_mask = np.ones(len(y), bool) if variant == "imu" else sequences["has_thm_tof"].to_numpy()
     columns = frame_feature_index(variant)
@@ -2358,8 +2360,7 @@ def train_keras(inputs: DeepInputs, sequences: pl.DataFrame, folds: np.ndarray, 
     runtime = keras_runtime(speed)
     epochs = resolve_epochs(keras_cfg.EPOCHS, runtime.gpu, "KERAS_EPOCHS")
     started = time.perf_counter()
-    if inputs.ids != sequences["sequence_id"].to_list():
-        raise ValueError("the deep inputs were built for other sequences than the sequence table's")
+    inputs.require_order(sequences)
     y = sequences["label"].to_numpy()
     eval_mask = np.ones(len(y), bool) if variant == "imu" else sequences["has_thm_tof"].to_numpy()
     columns = frame_feature_index(variant)
