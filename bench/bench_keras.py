@@ -28,12 +28,12 @@ import polars as pl
 from common import full_synthetic_dir, ti
 
 
-def keras_epochs(x, mask, y, xv, mv, yv, mixed: bool, epochs: int, keras_cfg, runtime) -> tuple[float, float, float]:
+def keras_epochs(data, xv, mv, yv, mixed: bool, epochs: int, keras_cfg, runtime) -> tuple[float, float, float]:
     """(first epoch s, mean s of the later epochs, final loss) of one fold through KerasFoldTrainer."""
     runtime = dataclasses.replace(runtime, mixed_precision=mixed)
     with ti.keras_precision(mixed):
-        trainer = ti.KerasFoldTrainer(x.shape[2], x.shape[1], keras_cfg, runtime, "bench")
-        result = trainer.fit_fold(x, mask, y, xv, mv, yv, np.ones(len(yv), bool), 1 + epochs, 0, "keras bench",
+        trainer = ti.KerasFoldTrainer(data.x.shape[2], data.x.shape[1], keras_cfg, runtime, "bench")
+        result = trainer.fit_fold(data, xv, mv, yv, np.ones(len(yv), bool), 1 + epochs, 0, "keras bench",
                                   "keras_bench", Path(tempfile.mkdtemp()) / "keras_bench.keras")
     seconds = [h["seconds"] for h in result["history"]]
     loss = result["history"][-1]["loss"]
@@ -42,13 +42,11 @@ def keras_epochs(x, mask, y, xv, mv, yv, mixed: bool, epochs: int, keras_cfg, ru
     return seconds[0], float(np.mean(seconds[1:])), loss
 
 
-def torch_epochs(x, mask, y, xv, mv, yv, epochs: int, batch: int) -> tuple[float, float, float]:
-    """The same for train_torch_fold (standardised inputs, as train_torch gives it)."""
-    dl_cfg = dataclasses.replace(ti.DLConfig(), EPOCHS=1 + epochs, ES_PATIENCE=10**6)
-    mean, std = ti.frame_statistics(x, mask)
-    result = ti.train_torch_fold(ti.standardize_frames(x, mask, mean, std), mask, y,
-                                 ti.standardize_frames(xv, mv, mean, std), mv, yv, np.ones(len(yv), bool), dl_cfg,
-                                 ti.torch_runtime(), 0, "torch bench", batch, 1)
+def torch_epochs(data, xv, mv, yv, epochs: int, batch: int) -> tuple[float, float, float]:
+    """The same for train_torch_fold, on the same DeepFoldData (the same augmented epochs)."""
+    dl_cfg = dataclasses.replace(ti.DLConfig(), EPOCHS=1 + epochs, BATCH_SIZE=batch)
+    result = ti.train_torch_fold(data, xv, mv, yv, np.ones(len(yv), bool), dl_cfg, ti.torch_runtime(), 0,
+                                 "torch bench", batch, 1)
     seconds = [h["seconds"] for h in result["history"]]
     return seconds[0], float(np.mean(seconds[1:])), result["history"][-1]["loss"]
 
@@ -87,21 +85,22 @@ def main() -> None:
     x, mask = inputs.take("full", keras_cfg.FIXED_PAD_LEN, train_idx)
     xv, mv = inputs.take("full", keras_cfg.FIXED_PAD_LEN, valid_idx)
     y, yv = sequences["label"].to_numpy()[train_idx], sequences["label"].to_numpy()[valid_idx]
-    batch = keras_cfg.BATCH_SIZE
+    batch = ti.resolve_batch(keras_cfg.BATCH_SIZE, runtime.gpu, "KERAS_BATCH_SIZE")
+    keras_cfg = dataclasses.replace(keras_cfg, BATCH_SIZE=batch)
+    data = ti.DeepFoldData(x, mask, y, ti.deep_channels("full"), ti.RecipeConfig(), 0)
 
-    torch_first, torch_epoch, torch_loss = torch_epochs(x, mask, y, xv, mv, yv, args.epochs, batch)
+    torch_first, torch_epoch, torch_loss = torch_epochs(data, xv, mv, yv, args.epochs, batch)
     rows = [("Torch, float32 (train_torch_fold)", torch_first, torch_epoch, torch_loss)]
     rows.append(("Keras, float32 (KerasFoldTrainer, tf.data)",
-                 *keras_epochs(x, mask, y, xv, mv, yv, False, args.epochs, keras_cfg, runtime)))
+                 *keras_epochs(data, xv, mv, yv, False, args.epochs, keras_cfg, runtime)))
     if not args.skip_mixed:
-        rows.append(("Keras, mixed_float16", *keras_epochs(x, mask, y, xv, mv, yv, True, args.epochs, keras_cfg,
-                                                             runtime)))
+        rows.append(("Keras, mixed_float16", *keras_epochs(data, xv, mv, yv, True, args.epochs, keras_cfg, runtime)))
 
     keras.backend.clear_session()
-    mean, std = ti.frame_statistics(x, mask)
-    models = [ti.build_keras_model(x.shape[2], x.shape[1], 3, mean, std, name=f"keras_full_fold{k}") for k in range(5)]
+    models = [ti.keras_inference_model(ti.build_keras_model(x.shape[2], x.shape[1], 3, name=f"keras_net{k}"),
+                                       data.mean, data.std, f"keras_full_fold{k}") for k in range(5)]
     one = [x[:1], mask[:1]]
-    combined = ti.KerasFamily(models, list(ti.FRAME_FEATURES)).model
+    combined = ti.KerasFamily(models, ti.deep_channels("full")).model
     styles = {
         "eager call `model(x, training=False)`, 1 model": lambda: models[0](one, training=False),
         "`model.predict(x)`, 1 model": lambda: models[0].predict(one, verbose=0),

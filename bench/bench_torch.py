@@ -5,9 +5,9 @@ with --force-oom, a real out-of-memory that the fallback must survive.
     python bench/bench_torch.py --subjects 40 --folds 0      # a quicker, partial comparison (say so when quoting)
     python bench/bench_torch.py --only new --force-oom --out DIR   # the GPU check: 5 folds + a forced OOM
 
-new: pad 90, 3 pooling stages, batch 512, early stopping (TORCH_ES_PATIENCE) -- the notes' sections 1-1, 1-3,
-     2-1, 2-2;
-old: 95th-percentile pad, 2 pooling stages, batch 64, no early stopping (all DL_EPOCHS epochs).
+new: pad 90, 3 pooling stages, batch 512 -- the notes' sections 1-1, 1-3, 2-1;
+old: 95th-percentile pad, 2 pooling stages, batch 64.
+Both train with the shared recipe (RecipeConfig: all epochs, augmentation, label smoothing) from the environment.
 Prints seconds per epoch and per fold and the out-of-fold score of each, as a Markdown table (and writes it
 to DIR/bench_torch.md with --out).
 
@@ -33,16 +33,14 @@ import polars as pl
 from common import CACHE, full_synthetic_dir, ti
 
 CONFIGS = {
-    "new (pad 90, 3 pools, batch 512, early stopping)": {"DL_FIXED_PAD_LEN": "90", "DL_POOLS": "3",
-                                                          "DL_BATCH_SIZE": "512"},
-    "old (p95 pad, 2 pools, batch 64, no early stopping)": {"DL_FIXED_PAD_LEN": "0", "DL_POOLS": "2",
-                                                             "DL_BATCH_SIZE": "64", "TORCH_ES_PATIENCE": "100000"},
+    "new (pad 90, 3 pools, batch 512)": {"DL_FIXED_PAD_LEN": "90", "DL_POOLS": "3", "DL_BATCH_SIZE": "512"},
+    "old (p95 pad, 2 pools, batch 64)": {"DL_FIXED_PAD_LEN": "0", "DL_POOLS": "2", "DL_BATCH_SIZE": "64"},
 }
 
 
 def dl_config(env: dict[str, str], epochs: int | None) -> ti.DLConfig:
     """DLConfig under ``env``. Both configurations get the GPU epoch budget (40) unless DL_EPOCHS or --epochs
-    say otherwise: the CPU budget of the default run would hide what early stopping saves."""
+    say otherwise."""
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
@@ -65,8 +63,8 @@ def forced_oom_row(inputs: ti.DeepInputs, sequences: pl.DataFrame, folds: np.nda
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             probe = dataclasses.replace(dl_cfg, EPOCHS=1, BATCH_SIZE=micro)
-            ti.train_torch(inputs, sequences, folds, variant, probe, seed, Path(tempfile.mkdtemp()), runtime,
-                           only_folds=[0])
+            ti.train_torch(inputs, sequences, folds, variant, probe, ti.RecipeConfig(), seed,
+                           Path(tempfile.mkdtemp()), runtime, only_folds=[0])
             return torch.cuda.max_memory_reserved()
 
         high, low = reserved_peak(512), reserved_peak(128)
@@ -83,8 +81,8 @@ def forced_oom_row(inputs: ti.DeepInputs, sequences: pl.DataFrame, folds: np.nda
         how = "injected OOM above micro-batch 128 (no GPU)"
     started = time.perf_counter()
     try:
-        result = ti.train_torch(inputs, sequences, folds, variant, dl_cfg, seed, Path(tempfile.mkdtemp()), runtime,
-                                oom_hook=hook, only_folds=[0])
+        result = ti.train_torch(inputs, sequences, folds, variant, dl_cfg, ti.RecipeConfig(), seed,
+                                Path(tempfile.mkdtemp()), runtime, oom_hook=hook, only_folds=[0])
         outcome = (f"fold 0 finished at micro-batch {result.fold_metrics[0]['micro_batch']} x "
                    f"{result.fold_metrics[0]['effective_batch'] // result.fold_metrics[0]['micro_batch']} accumulation "
                    f"steps, score {result.overall.score:.4f}")
@@ -125,7 +123,7 @@ def main() -> None:
             continue
         dl_cfg = dl_config(env, args.epochs)
         started = time.perf_counter()
-        result = ti.train_torch(inputs, sequences, folds, args.variant, dl_cfg, settings.cfg.SEED,
+        result = ti.train_torch(inputs, sequences, folds, args.variant, dl_cfg, settings.recipe, settings.cfg.SEED,
                                 Path(tempfile.mkdtemp(prefix="bench_torch_")), runtime, only_folds=args.folds)
         seconds = time.perf_counter() - started
         per_fold = [m["seconds"] for m in result.fold_metrics]

@@ -24,7 +24,7 @@ def test_torch_bench_runs_five_fold_style_and_survives_a_forced_oom(tiny_data, t
                     "--force-oom", "--out", str(out)], tmp_path, CMI_N_FOLDS="2")
     table = (out / "bench_torch.md").read_text()
     assert table.strip() in printed
-    assert "| new (pad 90, 3 pools, batch 512, early stopping) | 90 |" in table
+    assert "| new (pad 90, 3 pools, batch 512) | 90 |" in table
     oom_row = [line for line in table.splitlines() if line.startswith("| forced OOM")][0]
     assert "injected OOM above micro-batch 128 (no GPU)" in oom_row      # no CUDA here: the CPU stand-in
     assert "fold 0 finished at micro-batch 128 x 4 accumulation steps" in oom_row and "| survived |" in oom_row
@@ -38,3 +38,16 @@ def test_end_to_end_bench_runs_on_any_data_folder_and_writes_its_tables(tiny_dat
     table = (out / "bench_end_to_end.md").read_text()
     assert table in printed and "| lgbm imu |" in table and "| **total (run)** |" in table
     assert "route full: ensemble" in table and "p50" in table
+
+
+def test_score_bench_runs_a_row_and_writes_its_ablation_table(tiny_data, tmp_path):
+    out = tmp_path / "score"
+    printed = _run(["bench/bench_score.py", "--data-dir", str(tiny_data), "--rows", "honest", "--seeds", "1",
+                    "--epochs", "1", "--families", "torch", "--out", str(out)], tmp_path, CMI_N_FOLDS="2")
+    table = (out / "bench_score.md").read_text()
+    assert table.strip() in printed
+    row = [line for line in table.splitlines() if line.startswith("| honest selection")][0]
+    assert row.count("|") == 20 and " 1 |" in row                     # one seed; every column filled or "-"
+    result = __import__("json").loads((out / "jobs" / "honest_seed1" / "score.json").read_text())
+    assert set(result["holdout"]) >= {"torch", "blend", "predict"} and "torch/imu" in result["oof"]
+    assert _run(["bench/bench_score.py", "--report", "--out", str(out)], tmp_path).strip() == table.strip()

@@ -195,7 +195,9 @@ def test_missing_values_stay_nan_until_a_model_consumes_them(train, built_store)
     assert any(np.isnan(cache.get(sid)).any() for sid in ids)          # ToF -1, null sensors: NaN, not 0
     inputs = ti.DeepInputs(cache, ids, np.ones(len(ids)))
     x, mask = inputs.take("full", 90, np.arange(len(ids)))
-    assert np.isfinite(x).all() and x.dtype == np.float32 and mask.shape == x.shape[:2]
+    assert np.isnan(x).any() and x.dtype == np.float32 and mask.shape == x.shape[:2]   # still NaN: missing
+    z = ti.standardize_frames(x, mask, *ti.frame_statistics(x, mask))                # what a model consumes
+    assert np.isfinite(z).all() and (z[mask == 0] == 0).all()
 
 
 def test_padding_keeps_the_last_frames():
@@ -238,7 +240,6 @@ def test_a_file_without_nulls_reads_back_writable(tmp_path):
     view = np.ones((2, 3), dtype=np.float32)
     view.flags.writeable = False
     ti.frame_array(view)                                     # no "assignment destination is read-only"
-    assert ti.fill_missing_frames(values)[1].tolist() == [0.0] * len(ti.FRAME_FEATURES)
 
 
 # ── One frame pass per run, one array per route ────────────────────────────────────────────────────────
@@ -273,13 +274,12 @@ def test_route_arrays_equal_the_per_sequence_path(train, frame_pass, variant, pa
     cache = ti.frame_cache_for_run(frame_pass, None, ti.FrameCacheConfig())
     inputs = ti.DeepInputs(cache, frame_pass.ids, frame_pass.lengths)
     x, mask = inputs.arrays(variant, pad_len)
-    columns = ti.frame_feature_index(variant)
-    assert x.shape == (len(frame_pass.ids), pad_len, len(columns))
+    assert x.shape == (len(frame_pass.ids), pad_len, len(ti.deep_channels(variant)))
     for i, sid in enumerate(frame_pass.ids):
         alone = ti.build_frame_features(train.filter(pl.col("sequence_id") == sid))   # as predict() computes it
-        expected, expected_mask = ti.pad_last_frames(ti.frame_array(alone.select(ti.FRAME_FEATURES).to_numpy()),
-                                                     pad_len)
-        assert np.array_equal(x[i], expected[:, columns], equal_nan=True), sid
+        channels = ti.SequenceInputs(ti.frame_array(alone.select(ti.FRAME_FEATURES).to_numpy()), {}).channels(variant)
+        expected, expected_mask = ti.pad_last_frames(channels, pad_len)
+        assert np.array_equal(x[i], expected, equal_nan=True), sid
         assert np.array_equal(mask[i], expected_mask), sid
     assert inputs.arrays(variant, pad_len)[0] is x            # built once, then shared
 
@@ -331,10 +331,12 @@ def test_no_fold_of_either_deep_family_reads_a_frame(train, frame_pass, tmp_path
     monkeypatch.setenv("KERAS_BATCH_SIZE", "64")
     dl_cfg, keras_cfg = ti.DLConfig(), ti.KerasConfig()
     dl_cfg.EPOCHS = keras_cfg.EPOCHS = 1
-    torch_result = ti.train_torch(inputs, sequences, folds, "full", dl_cfg, 0, tmp_path)
-    keras_result = ti.train_keras(inputs, sequences, folds, "imu", keras_cfg, ti.KerasSpeedConfig(), 0, tmp_path)
+    recipe = ti.RecipeConfig()
+    torch_result = ti.train_torch(inputs, sequences, folds, "full", dl_cfg, recipe, 0, tmp_path)
+    keras_result = ti.train_keras(inputs, sequences, folds, "imu", keras_cfg, ti.KerasSpeedConfig(), recipe, 0,
+                                  tmp_path)
     assert np.isfinite(torch_result.oof_probs[torch_result.eval_mask]).all()
     assert np.isfinite(keras_result.oof_probs).all()
     with pytest.raises(ValueError, match="other sequences"):
         ti.train_torch(ti.DeepInputs(cache, frame_pass.ids[::-1], frame_pass.lengths), sequences, folds, "full",
-                       dl_cfg, 0, tmp_path)
+                       dl_cfg, recipe, 0, tmp_path)

@@ -43,8 +43,7 @@ def _random_inputs(n, pad_len=90, features=6, seed=0):
 
 
 def _small_model(features=6, pad_len=90, blocks=3, name="t"):
-    return ti.build_keras_model(features, pad_len, blocks, np.zeros(features, np.float32),
-                                np.ones(features, np.float32), hidden=8, name=name)
+    return ti.build_keras_model(features, pad_len, blocks, hidden=8, name=name)
 
 
 def test_one_epoch_under_mixed_precision_has_no_nan():
@@ -87,7 +86,7 @@ def test_mixed_precision_follows_the_device_unless_forced(monkeypatch):
 TORCH_BACKEND_SCRIPT = """
 import numpy as np, keras, train_infer as ti
 assert keras.backend.backend() == "torch"
-model = ti.build_keras_model(6, 90, 3, np.zeros(6, np.float32), np.ones(6, np.float32), hidden=8)
+model = ti.build_keras_model(6, 90, 3, hidden=8)
 model.compile(optimizer=keras.optimizers.AdamW(1e-3), loss="sparse_categorical_crossentropy")
 x = np.random.default_rng(0).standard_normal((8, 90, 6)).astype(np.float32)
 mask = np.ones((8, 90), np.float32); mask[0] = 0
@@ -130,11 +129,11 @@ def test_default_run_trains_saves_and_predicts_with_all_three_families(all_famil
 def test_keras_checkpoint_reloads_and_reproduces_the_out_of_fold_probabilities(all_families_run):
     out, _ = all_families_run
     oof = pl.read_parquet(out / "oof_predictions.parquet")
-    family = ti.KerasFamily.load([out / "models" / "keras_full_fold0.keras"], ti.FRAME_FEATURES)
+    family = ti.KerasFamily.load([out / "models" / "keras_full_fold0.keras"], ti.FULL_CHANNELS)
     store = ti.FrameFeatureStore(out / "frame_features")
     fold0 = oof.filter((pl.col("fold") == 0) & pl.col("has_thm_tof")).head(5)
     for row in fold0.iter_rows(named=True):
-        frames = ti.fill_missing_frames(store.read(row["sequence_id"]))
+        frames = store.read(row["sequence_id"])
         probs = family.predict(ti.SequenceInputs(frames, {}))
         expected = np.array([row[f"keras_full__{g}"] for g in ti.GESTURES])
         np.testing.assert_allclose(probs, expected, atol=1e-4)
@@ -213,14 +212,19 @@ def _fold_arrays(seed, n=160, pad=90, features=21):
     return x * mask[..., None], mask, rng.integers(0, len(ti.GESTURES), n)
 
 
+def _fold_data(seed, n=160):
+    x, m, y = _fold_arrays(seed, n=n)
+    return ti.DeepFoldData(x, m, y, ti.IMU_FRAME_FEATURES, ti.RecipeConfig(), seed)
+
+
 def test_a_reused_trainer_trains_each_fold_exactly_as_a_fresh_model(tmp_path, monkeypatch):
     monkeypatch.setenv("KERAS_BATCH_SIZE", "64")
     keras_cfg, runtime = ti.KerasConfig(), ti.keras_runtime(ti.KerasSpeedConfig())
-    folds = [(_fold_arrays(1), _fold_arrays(2, n=40)), (_fold_arrays(3, n=150), _fold_arrays(4, n=30))]
+    folds = [(_fold_data(1), _fold_arrays(2, n=40)), (_fold_data(3, n=150), _fold_arrays(4, n=30))]
 
     def fit(trainer, k):
-        (x, m, y), (xv, mv, yv) = folds[k]
-        result = trainer.fit_fold(x, m, y, xv, mv, yv, np.ones(len(yv), bool), 2, 100 + k, f"k{k}", f"keras_t_fold{k}",
+        data, (xv, mv, yv) = folds[k]
+        result = trainer.fit_fold(data, xv, mv, yv, np.ones(len(yv), bool), 2, 100 + k, f"k{k}", f"keras_t_fold{k}",
                                   tmp_path / f"{id(trainer)}_{k}.keras")
         return [h["loss"] for h in result["history"]], result["probs"]
 
@@ -233,3 +237,50 @@ def test_a_reused_trainer_trains_each_fold_exactly_as_a_fresh_model(tmp_path, mo
     assert first[0] != second[0]
     saved = keras.saving.load_model(tmp_path / f"{id(reused)}_1.keras")
     assert saved.name == "keras_t_fold1"                     # each fold's file carries its own name
+
+
+@pytest.mark.parametrize("inner", [False, True])
+def test_the_kept_keras_epoch_never_reads_the_out_of_fold_rows(tmp_path, monkeypatch, inner):
+    """Two folds that differ only in their out-of-fold rows keep the same epoch and the same weights."""
+    monkeypatch.setenv("KERAS_BATCH_SIZE", "64")
+    monkeypatch.setenv("KERAS_ES_PATIENCE", "1")
+    keras_cfg, runtime = ti.KerasConfig(), ti.keras_runtime(ti.KerasSpeedConfig())
+    trainer = ti.KerasFoldTrainer(21, 90, keras_cfg, runtime, "keras_h")
+    xw, mw, yw = _fold_arrays(9, n=50)
+    data = _fold_data(1)
+    watch = ti.WatchSet(data.standardize(xw, mw), mw, yw, np.ones(len(yw), bool)) if inner else None
+    kept = []
+    for valid_seed in (2, 3):
+        xv, mv, yv = _fold_arrays(valid_seed, n=40)
+        path = tmp_path / f"v{valid_seed}.keras"
+        result = trainer.fit_fold(data, xv, mv, yv, np.ones(len(yv), bool), 3, 7, "h", "keras_h_fold0", path, watch)
+        kept.append((result["epoch"], keras.saving.load_model(path).get_weights()))
+    assert kept[0][0] == kept[1][0] and (inner or kept[0][0] == 3)
+    assert all(np.array_equal(a, b) for a, b in zip(kept[0][1], kept[1][1]))
+
+
+def test_keras_trains_on_a_new_augmented_epoch_each_epoch(tmp_path, monkeypatch):
+    """model.fit pulls its batches from DeepFoldData.epoch(0), epoch(1), ...: never the first epoch again."""
+    monkeypatch.setenv("KERAS_BATCH_SIZE", "64")
+    seen = []
+    original = ti.DeepFoldData.epoch
+    monkeypatch.setattr(ti.DeepFoldData, "epoch", lambda self, epoch: seen.append(epoch) or original(self, epoch))
+    trainer = ti.KerasFoldTrainer(21, 90, ti.KerasConfig(), ti.keras_runtime(ti.KerasSpeedConfig()), "keras_e")
+    xv, mv, yv = _fold_arrays(2, n=40)
+    trainer.fit_fold(_fold_data(1), xv, mv, yv, np.ones(len(yv), bool), 3, 0, "e", "keras_e_fold0",
+                     tmp_path / "e.keras")
+    assert seen[:3] == [0, 1, 2]
+
+
+def test_keras_saved_standardisation_equals_the_numpy_one():
+    """The saved model's FoldStandardize + MaskFrames give what standardize_frames gives (missing -> 0,
+    padding 0), so Keras and Torch read the same inputs at inference."""
+    rng = np.random.default_rng(0)
+    x, mask, _ = _random_inputs(6, features=6)
+    x = x + 3.0
+    x[rng.random(x.shape) < 0.2] = np.nan
+    mean, std = rng.normal(size=6).astype(np.float32), rng.uniform(0.5, 2, 6).astype(np.float32)
+    wrapped = ti.keras_inference_model(_small_model(), mean, std, "wrapped")
+    front = keras.Model(wrapped.inputs, wrapped.get_layer("mask_frames").output)
+    np.testing.assert_allclose(np.asarray(front.predict_on_batch([x, mask])), ti.standardize_frames(x, mask, mean, std),
+                               atol=1e-5)

@@ -97,15 +97,6 @@ def test_accumulation_gives_the_same_gradients_as_one_big_batch():
         assert torch.allclose(a, b, atol=1e-6)
 
 
-def test_make_loader_passes_only_allowed_arguments():
-    data = torch.utils.data.TensorDataset(torch.zeros(10, 2))
-    loader = ti.make_loader(data, 4, shuffle=True, num_workers=0, device=torch.device("cpu"))
-    assert loader.prefetch_factor is None and loader.persistent_workers is False and loader.pin_memory is False
-    assert sum(len(b[0]) for b in loader) == 10
-    loader = ti.make_loader(data, 4, shuffle=False, num_workers=1, device=torch.device("cpu"))
-    assert loader.prefetch_factor == 2 and loader.persistent_workers is True
-
-
 def _tiny_arrays(n=96, pad=40, features=5, seed=0):
     rng = np.random.default_rng(seed)
     y = rng.integers(0, 18, n)
@@ -113,14 +104,24 @@ def _tiny_arrays(n=96, pad=40, features=5, seed=0):
     return x, np.ones((n, pad), np.float32), y
 
 
-def _fold_args(n_train=300, n_valid=40):
-    x, m, y = _tiny_arrays(n_train + n_valid)
-    return (x[:n_train], m[:n_train], y[:n_train], x[n_train:], m[n_train:], y[n_train:], np.ones(n_valid, bool))
+def _fold_args(n_train=300, n_valid=40, seed=0):
+    """(DeepFoldData, x_valid, mask_valid, y_valid, score_mask) of random data with a weak class signal."""
+    x, m, y = _tiny_arrays(n_train + n_valid, seed=seed)
+    data = ti.DeepFoldData(x[:n_train], m[:n_train], y[:n_train], [f"c{i}" for i in range(x.shape[2])],
+                           ti.RecipeConfig(), 0)
+    return (data, x[n_train:], m[n_train:], y[n_train:], np.ones(n_valid, bool))
+
+
+def _watch(n=60, seed=5):
+    x, m, y = _tiny_arrays(n, seed=seed)
+    return ti.WatchSet(x, m, y, np.ones(n, bool))
 
 
 def _train_with_hook(hook):
     """One fold, one epoch, through the OOM fallback, with ``hook`` called before every micro-batch."""
-    return ti.train_torch_fold_with_fallback(*_fold_args(), dl_cfg=ti.DLConfig(),
+    dl_cfg = ti.DLConfig()
+    dl_cfg.BATCH_SIZE = dl_cfg.BATCH_SIZE or ti.CPU_BATCH
+    return ti.train_torch_fold_with_fallback(*_fold_args(), dl_cfg=dl_cfg,
                                              runtime=ti.TorchRuntime(torch.device("cpu"), None), seed=0, label="test",
                                              oom_hook=hook)
 
@@ -164,15 +165,43 @@ def test_other_errors_are_not_mistaken_for_oom(monkeypatch):
         _train_with_hook(broken)
 
 
-def test_early_stopping_ends_training_and_keeps_the_best_epoch(monkeypatch, warnings_seen):
+def test_early_stopping_on_the_watch_set_ends_training_and_keeps_its_best_epoch(monkeypatch, warnings_seen):
     monkeypatch.setenv("DL_EPOCHS", "30")
     monkeypatch.setenv("TORCH_ES_PATIENCE", "2")
     monkeypatch.setenv("TORCH_ES_MIN_DELTA", "0.5")         # nothing improves by 0.5: stop after 1 + 2 epochs
-    monkeypatch.setenv("DL_BATCH_SIZE", "32")
     result = ti.train_torch_fold(*_fold_args(), dl_cfg=ti.DLConfig(), runtime=ti.TorchRuntime(torch.device("cpu"), None),
-                                 seed=0, label="t", micro_batch=32, accum_steps=1)
-    assert result["epochs_run"] == 3 and result["stopped_early"] and result["epoch"] in (1, 2, 3)
-    assert "Early stopping at epoch 3" in warnings_seen.text
+                                 seed=0, label="t", micro_batch=32, accum_steps=1, watch=_watch())
+    assert result["epochs_run"] == 3 and result["stopped_early"] and result["epoch"] == 1
+    assert "early stopping at epoch 3" in warnings_seen.text
+
+
+@pytest.mark.parametrize("inner", [False, True])
+def test_the_kept_epoch_never_reads_the_out_of_fold_rows(monkeypatch, inner):
+    """Train the same fold twice with different out-of-fold rows (inputs and labels): the kept epoch and
+    weights are identical, so nothing about those rows chose them. Only their logged scores differ."""
+    monkeypatch.setenv("DL_EPOCHS", "4")
+    monkeypatch.setenv("TORCH_ES_PATIENCE", "1")
+    runtime = ti.TorchRuntime(torch.device("cpu"), None)
+    runs = []
+    for valid_seed in (1, 2):
+        data, *_ = _fold_args()
+        _, x_va, m_va, y_va, score_mask = _fold_args(seed=valid_seed)
+        runs.append(ti.train_torch_fold(data, x_va, m_va, y_va, score_mask, dl_cfg=ti.DLConfig(), runtime=runtime,
+                                        seed=0, label="t", micro_batch=32, accum_steps=1,
+                                        watch=_watch() if inner else None))
+    assert runs[0]["epoch"] == runs[1]["epoch"] == (runs[0]["epoch"] if inner else 4)
+    assert runs[0]["epochs_run"] == runs[1]["epochs_run"]
+    for name, value in runs[0]["state"].items():
+        assert torch.equal(value, runs[1]["state"][name]), name
+    assert [h["score"] for h in runs[0]["history"]] != [h["score"] for h in runs[1]["history"]]
+
+
+def test_one_cycle_schedule_warms_up_then_anneals_to_nearly_zero_at_the_last_step():
+    peak, total = 2e-3, 200
+    lrs = [ti.one_cycle_lr(step, total, peak) for step in range(total)]
+    assert lrs[0] == pytest.approx(peak / 25) and max(lrs) == pytest.approx(peak)
+    assert int(np.argmax(lrs)) == 30 and lrs[-1] < peak * 1e-3
+    assert all(a >= b for a, b in zip(lrs[30:], lrs[31:]))
 
 
 def test_pad_length_fixed_or_percentile(monkeypatch):
@@ -203,7 +232,7 @@ def test_one_epoch_on_two_folds_trains_saves_and_predicts(torch_run, tiny_data):
     folds = [r for r in result["folds"] if r["family"] == "torch"]
     assert all(r["effective_batch"] == 64 and r["epochs_run"] == 1 for r in folds)
     epochs = pl.read_csv(out / "epoch_log.csv")
-    assert epochs.height == 4 and {"fold", "epoch", "loss", "score", "lr", "seconds"} <= set(epochs.columns)
+    assert epochs.height == 4 and {"fold", "epoch", "loss", "score", "watch_score", "lr", "seconds"} <= set(epochs.columns)
     fold_csv = pl.read_csv(out / "fold_metrics.csv")
     assert {"micro_batch", "effective_batch", "early_stopped"} <= set(fold_csv.columns)
     assert result["inference"]["warnings"].get("fallback", 0) == 0
@@ -222,7 +251,8 @@ def test_torch_checkpoint_loads_safely_and_reproduces_oof(torch_run, tiny_data):
     out, _ = torch_run
     ck = torch.load(out / "models" / "torch_full_fold0.pt", map_location="cpu", weights_only=True)
     assert ck["pad_len"] == 90 and ck["pools"] == 3 and ck["classes"] == list(ti.GESTURES)
-    family = ti.TorchFamily.load([out / "models" / "torch_full_fold0.pt"], ti.FRAME_FEATURES)
+    assert ck["channels"] == ti.FULL_CHANNELS and ck["selection"] == "fixed"
+    family = ti.TorchFamily.load([out / "models" / "torch_full_fold0.pt"], ti.FULL_CHANNELS)
     assert len(family.models) == 1
 
 
@@ -240,7 +270,7 @@ def test_bad_input_with_torch_models_loaded(torch_run, tiny_data, warnings_seen)
 def test_torch_family_stacked_prediction_equals_the_per_fold_loop(torch_run):
     out, _ = torch_run
     paths = sorted((out / "models").glob("torch_full_fold*.pt"))
-    family = ti.TorchFamily.load(paths, ti.FRAME_FEATURES)
+    family = ti.TorchFamily.load(paths, ti.FULL_CHANNELS)
     assert family.stack is not None and len(family.models) == 2
     frames = np.random.default_rng(0).standard_normal((120, len(ti.FRAME_FEATURES))).astype(np.float32)
     inputs = ti.SequenceInputs(frames, {})

@@ -1,0 +1,204 @@
+"""The deep models' inputs: channels that mean what they say, missing-value statistics, augmentation that keeps
+shapes, masks and labels consistent and never runs at inference."""
+import dataclasses
+
+import numpy as np
+import pytest
+
+import train_infer as ti
+
+FULL = ti.FULL_CHANNELS
+
+
+def _frames(n=12, seed=0):
+    """n frames of plausible frame features: every sensor present, ToF sensors seeing something."""
+    rng = np.random.default_rng(seed)
+    values = rng.normal(0, 1, (n, len(ti.FRAME_FEATURES))).astype(np.float32)
+    for k in range(1, 6):
+        values[:, ti.FRAME_FEATURES.index(f"tof{k}_valid")] = 0.5
+        values[:, ti.FRAME_FEATURES.index(f"tof{k}_mean")] = 80.0
+    values[:, ti.THM_RAW_INDEX] = 30.0
+    return values
+
+
+def test_a_missing_sensor_gets_its_indicator_and_a_standardised_zero():
+    values = _frames()
+    values[:4, ti.THM_RAW_INDEX[:2]] = np.nan                       # two thermopiles null on 4 frames
+    tof3 = [ti.FRAME_FEATURES.index(f"tof3_{s}") for s in ti.TOF_STATS]
+    values[:, tof3] = np.nan                                         # ToF sensor 3 null throughout
+    channels = ti.deep_frame_channels(values, "full")
+    assert channels.shape == (12, len(FULL))
+    assert channels[:4, FULL.index("thm_missing")] == pytest.approx(0.4)
+    assert (channels[4:, FULL.index("thm_missing")] == 0).all()
+    assert (channels[:, FULL.index("tof3_missing")] == 1).all() and (channels[:, FULL.index("tof1_missing")] == 0).all()
+    mask = np.ones(12, np.float32)
+    mean, std = ti.frame_statistics(channels[None], mask[None])
+    z = ti.standardize_frames(channels[None], mask[None], mean, std)[0]
+    assert np.isfinite(z).all()
+    assert (z[:, FULL.index("tof3_mean")] == 0).all() and (z[:4, FULL.index("thm_1")] == 0).all()
+    assert (z[:, FULL.index("thm_missing")] != 0).any()             # the indicator still tells them apart
+
+
+def test_statistics_leave_missing_values_out():
+    x = np.array([[[30.0], [np.nan], [32.0], [0.0]]], np.float32)    # last frame is padding
+    mask = np.array([[1, 1, 1, 0]], np.float32)
+    mean, std = ti.frame_statistics(x, mask)
+    assert mean[0] == pytest.approx(31.0) and std[0] == pytest.approx(1.0)   # a null is no 0 degC reading
+    empty_mean, empty_std = ti.frame_statistics(np.full((1, 3, 1), np.nan, np.float32), np.ones((1, 3), np.float32))
+    assert empty_mean[0] == 0 and empty_std[0] == 1
+
+
+def test_a_blind_tof_sensor_reads_far_and_a_null_one_reads_missing():
+    values = _frames()
+    for stat in ("mean", "min", "std", "cx", "cy"):
+        values[:, ti.FRAME_FEATURES.index(f"tof2_{stat}")] = np.nan  # what _tof_frame_stats gives for all -1
+    values[:, ti.FRAME_FEATURES.index("tof2_valid")] = 0.0
+    channels = ti.deep_frame_channels(values, "full")
+    assert (channels[:, FULL.index("tof2_mean")] == 255).all() and (channels[:, FULL.index("tof2_min")] == 255).all()
+    assert (channels[:, FULL.index("tof2_std")] == 0).all() and (channels[:, FULL.index("tof2_missing")] == 0).all()
+    raw = np.full((1, 320), -1.0, np.float32)                        # the raw path agrees: all -1 is blind
+    stats = ti._tof_frame_stats(raw)
+    assert stats[0, 0, ti.TOF_STATS.index("valid")] == 0 and np.isnan(stats[0, 0, ti.TOF_STATS.index("mean")])
+
+
+def test_imu_channels_are_the_imu_frame_features():
+    values = _frames()
+    assert ti.deep_channels("imu") == ti.IMU_FRAME_FEATURES
+    np.testing.assert_array_equal(ti.deep_frame_channels(values, "imu"), values[:, ti.IMU_FRAME_INDEX])
+    assert ti.variant_of_channels(ti.deep_channels("full")) == "full"
+    with pytest.raises(ValueError, match="input channels"):
+        ti.variant_of_channels(ti.FRAME_FEATURES)
+
+
+# ── Augmentation ───────────────────────────────────────────────────────────────────────────────────────
+
+def _batch(variant="full", n=24, pad=60, seed=0):
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(10, pad + 30, n)
+    x = np.zeros((n, pad, len(ti.deep_channels(variant))), np.float32)
+    mask = np.zeros((n, pad), np.float32)
+    for i, length in enumerate(lengths):
+        frames = ti.deep_frame_channels(_frames(length, seed=i), variant)
+        frames[:, ti.deep_channels(variant).index("rot_w"):][:, :4] /= np.linalg.norm(
+            frames[:, ti.deep_channels(variant).index("rot_w"):][:, :4], axis=1, keepdims=True)
+        x[i], mask[i] = ti.pad_last_frames(frames, pad)
+    return x, mask, rng.integers(0, len(ti.GESTURES), n)
+
+
+ALL_ON = ti.RecipeConfig(PROBABILITY=1.0, SENSOR_DROPOUT=0.5)
+
+
+@pytest.mark.parametrize("variant", ["imu", "full"])
+def test_each_epoch_keeps_shapes_masks_and_labels_consistent(variant):
+    x, mask, y = _batch(variant)
+    data = ti.DeepFoldData(x, mask, y, ti.deep_channels(variant), ALL_ON, seed=3)
+    z, m, targets = data.epoch(0)
+    assert z.shape == x.shape and m.shape == mask.shape and targets.shape == (len(y), len(ti.GESTURES))
+    assert np.isfinite(z).all() and z.dtype == np.float32
+    assert set(np.unique(m)) <= {0.0, 1.0}
+    assert ((m[:, 1:] <= m[:, :-1]).all())                          # real frames first, then padding
+    assert (z[m == 0] == 0).all()                                    # padding stays exactly 0
+    np.testing.assert_allclose(targets.sum(axis=1), 1.0, atol=1e-5)
+    assert (targets.min() >= 0) and targets.max() < 1.0              # smoothed, and mixed
+    again = data.epoch(0)
+    assert all(np.array_equal(a, b) for a, b in zip((z, m, targets), again))   # an epoch repeats
+    assert not np.array_equal(z, data.epoch(1)[0])                   # and the next one differs
+
+
+def test_without_augmentation_an_epoch_is_the_standardised_data_shuffled():
+    x, mask, y = _batch()
+    off = ti.RecipeConfig(STRETCH=0, CROP=0, ROTATION_DEG=0, JITTER=0, NOISE=0, SENSOR_DROPOUT=0, MIXUP=0,
+                          LABEL_SMOOTHING=0)
+    data = ti.DeepFoldData(x, mask, y, FULL, off, seed=0)
+    z, m, targets = data.epoch(0)
+    order = targets.argmax(axis=1)
+    reference = ti.standardize_frames(x, mask, data.mean, data.std)
+    rows = [np.flatnonzero([np.array_equal(z[i], r) for r in reference])[0] for i in range(len(y))]
+    assert sorted(rows) == list(range(len(y))) and (y[rows] == order).all()
+    assert (targets.max(axis=1) == 1).all()
+
+
+def test_rotation_turns_every_imu_vector_and_the_quaternion_together():
+    x, mask, y = _batch("imu", n=6)
+    idx = {name: ti.IMU_FRAME_FEATURES.index(name) for name in ti.IMU_FRAME_FEATURES}
+    quat, grav = [idx[n] for n in ti.QUATERNION], [idx[n] for n in ("grav_x", "grav_y", "grav_z")]
+    q = np.random.default_rng(1).normal(size=x.shape[:2] + (4,))
+    x[..., quat] = q / np.linalg.norm(q, axis=-1, keepdims=True)
+    x[..., grav] = ti.quat_rotate(ti.quat_conj(x[..., quat]), np.array([0.0, 0.0, 1.0]))   # gravity from q
+    x *= mask[..., None]
+    recipe = ti.RecipeConfig(PROBABILITY=1.0, STRETCH=0, CROP=0, ROTATION_DEG=30, SENSOR_DROPOUT=0)
+    turned, turned_mask = ti.augment_in_sensor_units(x, mask, ti.IMU_FRAME_FEATURES, recipe,
+                                                     np.random.default_rng(0))
+    assert np.array_equal(turned_mask, mask)
+    for names in ti.IMU_VECTORS:                                    # lengths kept, directions changed
+        cols = [idx[n] for n in names]
+        np.testing.assert_allclose(np.linalg.norm(turned[..., cols], axis=-1), np.linalg.norm(x[..., cols], axis=-1),
+                                   rtol=1e-4, atol=1e-5)
+        assert not np.allclose(turned[..., cols], x[..., cols])
+    for name in ("acc_mag", "lin_mag", "ang_dist", "lin_jerk"):      # magnitudes untouched
+        assert np.array_equal(turned[..., idx[name]], x[..., idx[name]])
+    # Gravity derived from the turned quaternion is the turned gravity channel: the two stay consistent.
+    real = mask > 0
+    derived = ti.quat_rotate(ti.quat_conj(turned[..., quat][real].astype(np.float64)), np.array([0.0, 0.0, 1.0]))
+    np.testing.assert_allclose(derived, turned[..., grav][real], atol=1e-4)
+
+
+def test_sensor_dropout_sets_the_group_missing_and_its_indicator():
+    x, mask, y = _batch("full")
+    recipe = ti.RecipeConfig(PROBABILITY=0.0, SENSOR_DROPOUT=1.0)     # every group of every sequence dropped
+    dropped, _ = ti.augment_in_sensor_units(x, mask, FULL, recipe, np.random.default_rng(0))
+    for names, indicator in ti.SENSOR_GROUPS.values():
+        assert np.isnan(dropped[..., [FULL.index(n) for n in names]]).all()
+        assert (dropped[..., FULL.index(indicator)] == 1).all()
+    imu = [FULL.index(n) for n in ti.IMU_FRAME_FEATURES]
+    assert np.array_equal(dropped[..., imu], x[..., imu])            # the IMU is never dropped
+
+
+def test_stretch_and_crop_keep_the_end_of_the_gesture():
+    x, mask, y = _batch("imu", n=10, pad=60)
+    x[..., 0] = np.arange(60)[None, :] * mask                         # frame index as a channel
+    recipe = ti.RecipeConfig(PROBABILITY=1.0, ROTATION_DEG=0, SENSOR_DROPOUT=0)
+    out, out_mask = ti.augment_in_sensor_units(x, mask, ti.IMU_FRAME_FEATURES, recipe, np.random.default_rng(1))
+    for i in range(10):
+        real = int(out_mask[i].sum())
+        assert real >= 2 and (out[i, real:] == 0).all()
+        assert out[i, real - 1, 0] == mask[i].sum() - 1              # the last frame is still the last frame
+        assert (np.diff(out[i, :real, 0]) >= 0).all()                 # time still runs forward
+
+
+def test_augmentation_never_runs_at_inference(monkeypatch):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("augmentation at inference")
+
+    monkeypatch.setattr(ti, "augment_in_sensor_units", forbidden)
+    monkeypatch.setattr(ti, "augment_standardized", forbidden)
+    torch = pytest.importorskip("torch")
+    nets = [ti.build_time_series_net(len(FULL), hidden=8).eval() for _ in range(2)]
+    checkpoints = [{"state_dict": net.state_dict(), "mean": torch.zeros(len(FULL)), "std": torch.ones(len(FULL)),
+                    "pad_len": 90, "channels": FULL, "in_features": len(FULL), "pools": 3, "hidden": 8,
+                    "dropout": 0.3} for net in nets]
+    family = ti.TorchFamily(checkpoints, FULL)
+    inputs = ti.SequenceInputs(_frames(50), {})
+    first = family.predict(inputs)
+    assert np.array_equal(first, family.predict(inputs)) and np.isfinite(first).all()
+
+
+def test_recipe_switches_are_read_from_the_environment(monkeypatch):
+    monkeypatch.setenv("AUG_ROTATION_DEG", "0")
+    monkeypatch.setenv("DEEP_SELECTION", "inner")
+    recipe = ti.RecipeConfig()
+    assert recipe.ROTATION_DEG == 0 and recipe.SELECTION == "inner"
+    assert dataclasses.replace(recipe, MIXUP=0).MIXUP == 0
+
+
+def test_the_watch_rows_are_training_subjects_never_the_out_of_fold_ones():
+    import polars as pl
+    rng = np.random.default_rng(0)
+    subjects = np.repeat([f"S{i}" for i in range(10)], 20)
+    sequences = pl.DataFrame({"subject": subjects, "label": rng.integers(0, 18, len(subjects))})
+    folds = ti.make_folds(sequences, 5, 0)
+    for fold in range(5):
+        fit, watch = ti.inner_watch_split(sequences, folds, fold, 0)
+        assert len(set(fit) & set(watch)) == 0 and (folds[fit] != fold).all() and (folds[watch] != fold).all()
+        assert sorted(np.concatenate([fit, watch])) == list(np.flatnonzero(folds != fold))
+        assert not set(subjects[fit]) & set(subjects[watch])          # grouped by subject
