@@ -2025,10 +2025,17 @@ def one_cycle_lr(step: int, total_steps: int, peak: float, warmup: float = 0.15)
     return end + (peak - end) * (1 + math.cos(math.pi * progress)) / 2
 
 
-def prefetched_epochs(data: DeepFoldData, epochs: int | None = None) -> Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+def prefetched_epochs(data: DeepFoldData, epochs: int | None = None, background: bool = True
+                      ) -> Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """data.epoch(0), data.epoch(1), ... (``epochs`` of them, or without end), each built on a background
     thread while the previous one trains: numpy releases the GIL in its kernels, so on a GPU the
-    augmentation is off the critical path."""
+    augmentation is off the critical path. background=False builds each when it is asked for."""
+    if not background:
+        epoch = 0
+        while epochs is None or epoch < epochs:
+            yield data.epoch(epoch)
+            epoch += 1
+        return
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="augment") as pool:
         pending = pool.submit(data.epoch, 0)
         epoch = 0
@@ -2645,7 +2652,7 @@ class KerasFoldTrainer:
                 own.state.assign(fresh.state)
         for variable, start in zip(self.model.optimizer.variables, self.optimizer_start):
             variable.assign(start)
-        training = keras_training_data(data, batch, self.runtime.backend)
+        training = keras_training_data(data, batch, epochs)
         history: list[dict[str, Any]] = []
         record: dict[str, Any] = {}
         callbacks = keras_epoch_callbacks(data.standardize(x_valid, m_valid), m_valid, y_valid, score_mask, watch,
@@ -2673,31 +2680,24 @@ class KerasFoldTrainer:
             "accum_steps": 1}
 
 
-def keras_training_data(data: DeepFoldData, batch_size: int, backend: str) -> dict[str, Any]:
-    """model.fit's data arguments for one fold: DeepFoldData's epochs (augmented, shuffled, prefetched on a
-    thread) cut into batches, without end, and the number of batches per epoch. A last batch of one sequence
-    is left out (BatchNorm cannot train on it), as in the Torch loop.
+def keras_training_data(data: DeepFoldData, batch_size: int, epochs: int) -> dict[str, Any]:
+    """model.fit's data arguments for one fold: DeepFoldData's ``epochs`` epochs (augmented, shuffled, prefetched
+    on a thread) cut into batches by a generator, and the number of batches per epoch. A last batch of one
+    sequence is left out (BatchNorm cannot train on it), as in the Torch loop.
 
-    TensorFlow: a tf.data pipeline over the generator whose batches have an unknown (None) size, so that one
-    trace of the training step serves every batch, the smaller last one and other folds' included. Other
-    backends take the generator."""
+    The generator goes to model.fit as it is, on every backend: Keras's own generator adapter gives batches of
+    unknown size to TensorFlow, so one trace serves every batch and fold."""
     n = len(data.y)
     steps = n // batch_size + (1 if n % batch_size >= 2 else 0)
 
     def batches():
-        for x, mask, targets in prefetched_epochs(data):
+        # No thread of ours: Keras's adapter already pulls batches ahead on its own (tf.data prefetch).
+        for x, mask, targets in prefetched_epochs(data, epochs, background=False):
             for step in range(steps):
                 part = slice(step * batch_size, (step + 1) * batch_size)
                 yield (x[part], mask[part]), targets[part]
 
-    if backend != "tensorflow":
-        return {"x": batches(), "steps_per_epoch": steps, "shuffle": False}      # shuffled by DeepFoldData.epoch
-    import tensorflow as tf
-    _, pad_len, channels = data.x.shape
-    signature = ((tf.TensorSpec((None, pad_len, channels), tf.float32), tf.TensorSpec((None, pad_len), tf.float32)),
-                 tf.TensorSpec((None, len(GESTURES)), tf.float32))
-    dataset = tf.data.Dataset.from_generator(batches, output_signature=signature)
-    return {"x": dataset.prefetch(tf.data.AUTOTUNE), "steps_per_epoch": steps, "shuffle": False}
+    return {"x": batches(), "steps_per_epoch": steps, "shuffle": False}      # shuffled by DeepFoldData.epoch
 
 
 def train_keras(inputs: DeepInputs, sequences: pl.DataFrame, folds: np.ndarray, variant: str,
