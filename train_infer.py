@@ -2025,24 +2025,19 @@ def one_cycle_lr(step: int, total_steps: int, peak: float, warmup: float = 0.15)
     return end + (peak - end) * (1 + math.cos(math.pi * progress)) / 2
 
 
-def prefetched_epochs(data: DeepFoldData, epochs: int | None = None, background: bool = True
+def prefetched_epochs(data: DeepFoldData, epochs: int, background: bool = True
                       ) -> Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """data.epoch(0), data.epoch(1), ... (``epochs`` of them, or without end), each built on a background
-    thread while the previous one trains: numpy releases the GIL in its kernels, so on a GPU the
-    augmentation is off the critical path. background=False builds each when it is asked for."""
+    """data.epoch(0) ... data.epoch(epochs - 1), each built on a background thread while the previous one
+    trains: numpy releases the GIL in its kernels, so on a GPU the augmentation is off the critical path.
+    background=False builds each when it is asked for."""
     if not background:
-        epoch = 0
-        while epochs is None or epoch < epochs:
-            yield data.epoch(epoch)
-            epoch += 1
+        yield from (data.epoch(epoch) for epoch in range(epochs))
         return
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="augment") as pool:
         pending = pool.submit(data.epoch, 0)
-        epoch = 0
-        while epochs is None or epoch < epochs:
+        for epoch in range(1, epochs + 1):
             arrays = pending.result()
-            epoch += 1
-            if epochs is None or epoch < epochs:
+            if epoch < epochs:
                 pending = pool.submit(data.epoch, epoch)
             yield arrays
 
@@ -2055,6 +2050,10 @@ class WatchSet:
     mask: np.ndarray
     y: np.ndarray
     score_mask: np.ndarray
+
+
+def _state_copy(model) -> dict[str, Any]:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
 def train_torch_fold(data: DeepFoldData, x_valid: np.ndarray, m_valid: np.ndarray, y_valid: np.ndarray,
@@ -2110,13 +2109,14 @@ def train_torch_fold(data: DeepFoldData, x_valid: np.ndarray, m_valid: np.ndarra
         score = score_probabilities(y_valid[score_mask], probs[score_mask])
         if oof_chosen["score"] is None or score.score > oof_chosen["score"].score:
             oof_chosen = {"score": score, "epoch": epoch + 1, "probs": probs}
-        watched = None
+        watched, stop = None, False
         if watch is not None:
             watch_probs = predict_torch_probs(model, watch.x, watch.mask, runtime)
             watched = score_probabilities(watch.y[watch.score_mask], watch_probs[watch.score_mask]).score
-        if watch is None or watched > stopper.best + stopper.min_delta:
+            stop = stopper.step(watched)
+        if watch is None or stopper.best_epoch == stopper.epoch:      # every epoch, or the watch set's best
             kept = {"score": score, "epoch": epoch + 1, "probs": probs, "watch_score": watched,
-                    "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
+                    "state": None if watch is None else _state_copy(model)}
         seconds = time.perf_counter() - started
         row = {"epoch": epoch + 1, "loss": float(np.mean(losses)) if losses else float("nan"),
                "binary_f1": score.binary_f1, "macro_f1": score.macro_f1, "score": score.score,
@@ -2125,10 +2125,12 @@ def train_torch_fold(data: DeepFoldData, x_valid: np.ndarray, m_valid: np.ndarra
         LOG.info(log_table_row((label, row["epoch"], row["loss"], score.binary_f1, score.macro_f1, score.score,
                                 "-" if watched is None else watched, f"{row['lr']:.2e}", f"{seconds:.1f}"),
                                EPOCH_LOG_WIDTHS))
-        if watch is not None and stopper.step(watched):
+        if stop:
             LOG.info("%s: early stopping at epoch %d (best watch score %.4f at epoch %d)", label, epoch + 1,
                      stopper.best, stopper.best_epoch + 1)
             break
+    if watch is None:
+        kept["state"] = _state_copy(model)                  # the last epoch's weights, copied once
     return kept | {"epochs_run": len(history), "stopped_early": len(history) < dl_cfg.EPOCHS, "history": history,
                    "micro_batch": micro_batch, "accum_steps": accum_steps, "oof_chosen": oof_chosen}
 
@@ -2681,8 +2683,8 @@ class KerasFoldTrainer:
 
 
 def keras_training_data(data: DeepFoldData, batch_size: int, epochs: int) -> dict[str, Any]:
-    """model.fit's data arguments for one fold: DeepFoldData's ``epochs`` epochs (augmented, shuffled, prefetched
-    on a thread) cut into batches by a generator, and the number of batches per epoch. A last batch of one
+    """model.fit's data arguments for one fold: DeepFoldData's ``epochs`` epochs (augmented, shuffled) cut into
+    batches by a generator, and the number of batches per epoch. A last batch of one
     sequence is left out (BatchNorm cannot train on it), as in the Torch loop.
 
     The generator goes to model.fit as it is, on every backend: Keras's own generator adapter gives batches of
@@ -3118,17 +3120,6 @@ class GesturePredictor:
         return "imu" if self.models["imu"] else "full"
 
     def predict_proba(self, sequence: pl.DataFrame, demographics: pl.DataFrame | None) -> tuple[np.ndarray, str]:
-        """The route's blended probabilities (the training run's weights) and the route."""
-        outcomes, variant = self.family_probabilities(sequence, demographics)
-        weights = np.array([self.weights.get(variant, {}).get(name, 1.0) for name in outcomes])
-        if weights.sum() <= 0:
-            weights = np.ones(len(outcomes))
-        return blend(np.stack(list(outcomes.values())), weights), variant
-
-    def family_probabilities(self, sequence: pl.DataFrame, demographics: pl.DataFrame | None
-                             ) -> tuple[dict[str, np.ndarray], str]:
-        """Each of the route's families' probabilities ({family: (18,)}, a failing family left out with a
-        warning) and the route."""
         raw, demo = self.sanitize(sequence, demographics)
         if raw.shape[0] == 0:
             raise ValueError("empty sequence")
@@ -3154,7 +3145,10 @@ class GesturePredictor:
                                                      f"({type(exc).__name__}: {exc})")
         if not outcomes:
             raise RuntimeError(f"every model family of the {variant} route failed on this sequence")
-        return dict(outcomes), variant
+        weights = np.array([self.weights.get(variant, {}).get(name, 1.0) for name, _ in outcomes])
+        if weights.sum() <= 0:
+            weights = np.ones(len(outcomes))
+        return blend(np.stack([p for _, p in outcomes]), weights), variant
 
     def answer(self, sequence: pl.DataFrame, probs: np.ndarray) -> int:
         """The gesture index: the argmax, or the per-subject assignment when it is on."""
