@@ -11,8 +11,8 @@ What it does, top to bottom:
      answered for sequences whose thm/tof are null (half of the hidden test), and full-sensor. LightGBM on
      the aggregates; a Torch TimeSeriesNet and a Keras model (keras.ops only) on padded frame features from
      a Parquet store + LRU cache, with missing-value channels, one shared augmentation recipe, a one-cycle
-     schedule that finishes, gradient accumulation, an OOM fallback and mixed precision decided by the
-     device. No epoch or boosting round is ever chosen on the rows that become out-of-fold predictions;
+     schedule that finishes, gradient accumulation, an OOM fallback, and network size, batch, epochs and
+     mixed precision decided by the device. No epoch or boosting round is ever chosen on the rows that become out-of-fold predictions;
   5. searches ensemble weights per route on out-of-fold probabilities (kept only when they beat equal
      weights out of fold) and measures a per-subject assignment on a replay of the gateway;
   6. saves models, config, feature version, library versions, out-of-fold predictions and a summary table;
@@ -36,6 +36,7 @@ import logging
 import math
 import os
 import platform
+import random
 import re
 import shutil
 import sys
@@ -226,12 +227,13 @@ class DLConfig:
     OUTPUT_PATH: str = field(default_factory=lambda: env_str("CMI_OUTPUT_DIR", _default_output_dir()))
     PAD_LEN_PERCENTILE: int = field(default_factory=lambda: env_int("DL_PAD_LEN_PERCENTILE", 95, minimum=1))  # used only without FIXED_PAD_LEN
     FIXED_PAD_LEN: int | None = field(default_factory=lambda: env_int("DL_FIXED_PAD_LEN", 90, minimum=0) or None)  # 0 = use the percentile
-    BATCH_SIZE: int | None = field(default_factory=lambda: env_int("DL_BATCH_SIZE", None, minimum=1))  # micro-batch; None: GPU_BATCH with a GPU, CPU_BATCH without
+    BATCH_SIZE: int | None = field(default_factory=lambda: env_int("DL_BATCH_SIZE", None, minimum=1))  # micro-batch; None: by device (DEVICE_DEFAULTS)
     ACCUM_STEPS: int = field(default_factory=lambda: env_int("DL_ACCUM_STEPS", 1, minimum=1))         # gradient accumulation (notes 2-3)
     POOLS: int = field(default_factory=lambda: env_int("DL_POOLS", 3, minimum=1))                     # conv blocks, each halving time (notes 2-1: 2 -> 3)
-    HIDDEN: int = field(default_factory=lambda: env_int("DL_HIDDEN", 128, minimum=8))                 # GRU units per direction
+    CONV_WIDTH: int | None = field(default_factory=lambda: env_int("DL_CONV_WIDTH", None, minimum=4))  # first conv block's channels, later ones 2x; None: by device
+    HIDDEN: int | None = field(default_factory=lambda: env_int("DL_HIDDEN", None, minimum=4))          # GRU units per direction; None: by device
     DROPOUT: float = field(default_factory=lambda: env_float("DL_DROPOUT", 0.3, minimum=0.0))
-    EPOCHS: int | None = field(default_factory=lambda: env_int("DL_EPOCHS", None, minimum=1))          # None: GPU_EPOCHS with a GPU, CPU_EPOCHS without
+    EPOCHS: int | None = field(default_factory=lambda: env_int("DL_EPOCHS", None, minimum=1))          # None: by device
     LEARNING_RATE: float = field(default_factory=lambda: env_float("DL_LR", 2e-3, minimum=1e-8))
     ES_PATIENCE: int = field(default_factory=lambda: env_int("TORCH_ES_PATIENCE", 6, minimum=1))      # notes 2-2; DEEP_SELECTION=inner only
     ES_MIN_DELTA: float = field(default_factory=lambda: env_float("TORCH_ES_MIN_DELTA", 1e-4, minimum=0.0))
@@ -245,10 +247,12 @@ class DLConfig:
 class KerasConfig:
     """Keras model; defaults are the design notes' sections 1-1, 1-3 and 1-4."""
     FIXED_PAD_LEN: int = field(default_factory=lambda: env_int("KERAS_FIXED_PAD_LEN", 90, minimum=8))
-    BATCH_SIZE: int | None = field(default_factory=lambda: env_int("KERAS_BATCH_SIZE", None, minimum=1))  # None: GPU_BATCH with a GPU, CPU_BATCH without
+    BATCH_SIZE: int | None = field(default_factory=lambda: env_int("KERAS_BATCH_SIZE", None, minimum=1))  # None: by device (DEVICE_DEFAULTS)
     EARLY_STOPPING_PATIENCE: int = field(default_factory=lambda: env_int("KERAS_ES_PATIENCE", 3, minimum=1))  # DEEP_SELECTION=inner only
     CONV_BLOCKS: int = field(default_factory=lambda: env_int("KERAS_CONV_BLOCKS", 3, minimum=3))      # 3, or 4 as notes 2-1 allow
-    EPOCHS: int | None = field(default_factory=lambda: env_int("KERAS_EPOCHS", None, minimum=1))      # None: GPU_EPOCHS with a GPU, CPU_EPOCHS without
+    CONV_WIDTH: int | None = field(default_factory=lambda: env_int("KERAS_CONV_WIDTH", None, minimum=4))  # first conv block's channels, later ones 2x; None: by device
+    HIDDEN: int | None = field(default_factory=lambda: env_int("KERAS_HIDDEN", None, minimum=4))      # GRU units per direction; None: by device
+    EPOCHS: int | None = field(default_factory=lambda: env_int("KERAS_EPOCHS", None, minimum=1))      # None: by device
     LEARNING_RATE: float = field(default_factory=lambda: env_float("KERAS_LR", 2e-3, minimum=1e-8))
 
     def __post_init__(self) -> None:
@@ -1476,8 +1480,9 @@ def frame_statistics(x: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.nd
 def standardize_frames(x: np.ndarray, mask: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
     """(x - mean) / std on real frames, then a missing value becomes the mean (0); padded frames are exactly
     0. The Keras model's FoldStandardize layer computes the same (tested)."""
-    z = ((x - mean) / std).astype(np.float32)
-    np.nan_to_num(z, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+    z = np.subtract(x, np.asarray(mean, np.float32), dtype=np.float32)     # float32 throughout, as in Keras
+    z /= np.asarray(std, np.float32)
+    np.copyto(z, 0.0, where=~np.isfinite(z))                              # 5x faster than nan_to_num here
     z *= mask[..., None]
     return z
 
@@ -1754,43 +1759,54 @@ def train_lgbm(features: pl.DataFrame, sequences: pl.DataFrame, folds: np.ndarra
 # ║ Torch: TimeSeriesNet on the deep channels, honest selection, accumulation, OOM fallback      ║
 # ╚══════════════════════════════════════════════════════════════════════════════════════════════╝
 
-CONV_BLOCKS = ((128, 7), (256, 5), (256, 3), (256, 3))   # (channels, kernel) per pooling stage (notes 2-1)
+CONV_KERNELS = (7, 5, 3, 3)                              # kernel per pooling stage (notes 2-1)
 MIN_MICRO_BATCH = 64                                     # the OOM fallback's floor (notes 2-3: 512 -> 64)
 ATTENTION_FILL = -65504.0                                # fp16's lowest finite value: safe in fp16, bf16, fp32
-
-
-# Epochs when DL_EPOCHS / KERAS_EPOCHS are unset. With a GPU, 40 (the notes' budget; bench_score measures the
-# recipe at it): every epoch runs, and the schedule anneals within them.
-# On 2 CPU cores one epoch of the demo set costs ~1.3 s per fold and variant (measured), so 40 epochs x 5
-# folds x 2 variants x 2 deep families would take most of an hour: 6 epochs keep the default run to minutes.
-# That demonstrates the pipeline; it does not train the deep models fully, and the log says so.
-GPU_EPOCHS, CPU_EPOCHS = 40, 6
-# Batch when DL_BATCH_SIZE / KERAS_BATCH_SIZE are unset. 512 is the notes' GPU throughput choice; on the
-# CPU, the demo set's ~1,000 training sequences make 2 optimizer steps of 512 per epoch (12 in the CPU
-# budget), far too few, and the README measured batch 512 at -0.034 against 64 on 20 subjects.
-GPU_BATCH, CPU_BATCH = 512, 64
 EPOCH_LOG_HEADER = ("fold/variant", "epoch", "loss", "BinF1", "MacroF1", "score", "watch", "lr", "secs")
 EPOCH_LOG_WIDTHS = (14, 5, 8, 8, 8, 8, 8, 9, 6)
 
 
-def resolve_epochs(configured: int | None, gpu: bool, variable: str) -> int:
-    """The configured epoch count, or the device's default (GPU_EPOCHS / CPU_EPOCHS) with a log line."""
-    if configured is not None:
-        return configured
-    if gpu:
-        return GPU_EPOCHS
-    LOG.warning("%s is unset and there is no GPU: %d epochs (the CPU budget; %d with a GPU). Set %s=%d for a full "
-                "run on the CPU", variable, CPU_EPOCHS, GPU_EPOCHS, variable, GPU_EPOCHS)
-    return CPU_EPOCHS
+def conv_plan(width: int, blocks: int) -> list[tuple[int, int]]:
+    """(channels, kernel) per pooling stage: the first block ``width`` channels, the later ones twice that.
+    Width 128 is the notes' network (128, 256, 256, 256)."""
+    return [(width if block == 0 else 2 * width, kernel) for block, kernel in enumerate(CONV_KERNELS[:blocks])]
 
 
-def resolve_batch(configured: int | None, gpu: bool, variable: str) -> int:
-    """The configured batch, or the device's default (GPU_BATCH / CPU_BATCH)."""
-    if configured is not None:
-        return configured
-    batch = GPU_BATCH if gpu else CPU_BATCH
-    LOG.info("%s is unset: batch %d on the %s", variable, batch, "GPU" if gpu else "CPU")
-    return batch
+@dataclass(frozen=True)
+class DeviceDefaults:
+    """What the deep families train with when DL_* / KERAS_* leave it unset: the device decides.
+
+    With a GPU: the notes' network (conv width 128, GRU 128), batch 512 (the notes' throughput choice) and 40
+    epochs (the notes' budget; bench_score measures the recipe at it).
+    On the CPU the budget is time: an epoch of the notes' network costs ~1.6 s per fold and variant on the demo
+    set (2 cores), so 6 epochs filled the default run, and 6 epochs leave it far from trained (full-sensor
+    models 0.10 below LightGBM out of fold). A network a quarter as wide (conv 32/64/64, GRU 64) trains 20
+    epochs in about the same time and scores higher on both routes (README, "Deep models on the CPU");
+    batch 64 gives ~20 optimizer steps per epoch where 512 gives 2 (the README measured 512 at -0.034 against
+    64 on 20 subjects)."""
+    EPOCHS: int
+    BATCH_SIZE: int
+    CONV_WIDTH: int
+    HIDDEN: int
+
+
+DEVICE_DEFAULTS = {"gpu": DeviceDefaults(EPOCHS=40, BATCH_SIZE=512, CONV_WIDTH=128, HIDDEN=128),
+                   "cpu": DeviceDefaults(EPOCHS=20, BATCH_SIZE=64, CONV_WIDTH=32, HIDDEN=64)}
+
+
+def resolve_device_defaults(cfg: Any, gpu: bool, prefix: str) -> Any:
+    """``cfg`` (DLConfig or KerasConfig) with each DeviceDefaults field it leaves unset (None) taken from the
+    device's defaults, said in one log line; ``prefix`` names its variables (DL, KERAS)."""
+    device = "gpu" if gpu else "cpu"
+    names = [f.name for f in dataclasses.fields(DeviceDefaults)]
+    filled = {name: getattr(DEVICE_DEFAULTS[device], name) for name in names if getattr(cfg, name) is None}
+    if filled:
+        other = "cpu" if gpu else "gpu"
+        LOG.info("%s unset: the %s defaults %s (the %s's: %s)",
+                 ", ".join(f"{prefix}_{name}" for name in filled), device.upper(),
+                 ", ".join(f"{name.lower()} {value}" for name, value in filled.items()), other.upper(),
+                 ", ".join(f"{name.lower()} {getattr(DEVICE_DEFAULTS[other], name)}" for name in filled))
+    return dataclasses.replace(cfg, **filled)
 
 
 @dataclass(frozen=True)
@@ -1822,12 +1838,12 @@ def torch_runtime() -> TorchRuntime:
 
 
 def build_time_series_net(in_features: int, n_classes: int = len(GESTURES), pools: int = 3, hidden: int = 128,
-                          dropout: float = 0.3):
-    """The notes' network: conv blocks (Conv1d, BatchNorm, GELU, MaxPool1d(2)), Dropout, a BiGRU, temporal
-    attention over the real (masked) steps, and a classification head."""
-    if not 1 <= pools <= len(CONV_BLOCKS):
-        raise ConfigError(f"DL_POOLS={pools} must be between 1 and {len(CONV_BLOCKS)}")
-    return _time_series_net_class()(in_features, n_classes, pools, hidden, dropout)
+                          dropout: float = 0.3, width: int = 128):
+    """The notes' network: conv blocks (Conv1d, BatchNorm, GELU, MaxPool1d(2); conv_plan's channels), Dropout,
+    a BiGRU, temporal attention over the real (masked) steps, and a classification head."""
+    if not 1 <= pools <= len(CONV_KERNELS):
+        raise ConfigError(f"DL_POOLS={pools} must be between 1 and {len(CONV_KERNELS)}")
+    return _time_series_net_class()(in_features, n_classes, pools, hidden, dropout, width)
 
 
 @functools.cache
@@ -1838,11 +1854,12 @@ def _time_series_net_class():
     import torch.nn.functional as F
 
     class TimeSeriesNet(nn.Module):
-        def __init__(self, in_features: int, n_classes: int, pools: int, hidden: int, dropout: float) -> None:
+        def __init__(self, in_features: int, n_classes: int, pools: int, hidden: int, dropout: float,
+                     width: int) -> None:
             super().__init__()
             layers: list[nn.Module] = []
             channels = in_features
-            for out_channels, kernel in CONV_BLOCKS[:pools]:
+            for out_channels, kernel in conv_plan(width, pools):
                 layers += [nn.Conv1d(channels, out_channels, kernel, padding=kernel // 2),
                            nn.BatchNorm1d(out_channels), nn.GELU(), nn.MaxPool1d(2)]
                 channels = out_channels
@@ -2056,6 +2073,58 @@ def _state_copy(model) -> dict[str, Any]:
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
+class EpochKeeper:
+    """What both deep families do after each epoch, so they choose alike. The out-of-fold rows are scored for
+    the log only, and the epoch they would have chosen is reported (``oof_chosen``) to show how optimistic that
+    choice is. The kept epoch never reads them: without a watch set every epoch runs and the last is kept; with
+    one, EarlyStopper watches its score and its best epoch is kept (``snapshot`` copies the weights then). A
+    loss that is not finite stops the fold with an error."""
+
+    def __init__(self, label: str, y_valid: np.ndarray, score_mask: np.ndarray, watch: WatchSet | None,
+                 patience: int, min_delta: float) -> None:
+        self.label, self.y_valid, self.score_mask, self.watch = label, y_valid, score_mask, watch
+        self.stopper = EarlyStopper(patience, min_delta)
+        self.kept: dict[str, Any] = {}
+        self.oof_chosen: dict[str, Any] = {"score": None}
+        self.history: list[dict[str, Any]] = []
+
+    def end_epoch(self, loss: float, probs: np.ndarray, predict: Callable[[np.ndarray, np.ndarray], np.ndarray],
+                  lr: float, seconds: float, snapshot: Callable[[], Any]) -> bool:
+        """Record one epoch (its mean loss, its out-of-fold ``probs``; ``predict(x, mask)`` scores the watch
+        set); True when EarlyStopper says stop."""
+        epoch = len(self.history) + 1
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"{self.label}: the training loss is {loss} at epoch {epoch}")
+        score = score_probabilities(self.y_valid[self.score_mask], probs[self.score_mask])
+        if self.oof_chosen["score"] is None or score.score > self.oof_chosen["score"].score:
+            self.oof_chosen = {"score": score, "epoch": epoch, "probs": probs}
+        watched, stop = None, False
+        if self.watch is not None:
+            watch = self.watch
+            watched = score_probabilities(watch.y[watch.score_mask], predict(watch.x, watch.mask)[watch.score_mask]).score
+            stop = self.stopper.step(watched)
+        if self.watch is None or self.stopper.best_epoch == self.stopper.epoch:   # every epoch, or the watch set's best
+            self.kept = {"score": score, "epoch": epoch, "probs": probs, "watch_score": watched,
+                         "state": None if self.watch is None else snapshot()}
+        row = {"epoch": epoch, "loss": loss, "binary_f1": score.binary_f1, "macro_f1": score.macro_f1,
+               "score": score.score, "watch_score": watched, "lr": lr, "seconds": round(seconds, 3)}
+        self.history.append(row)
+        LOG.info(log_table_row((self.label, epoch, loss, score.binary_f1, score.macro_f1, score.score,
+                                "-" if watched is None else watched, f"{lr:.2e}", f"{seconds:.1f}"), EPOCH_LOG_WIDTHS))
+        if stop:
+            LOG.info("%s: early stopping at epoch %d (best watch score %.4f at epoch %d)", self.label, epoch,
+                     self.stopper.best, self.stopper.best_epoch + 1)
+        return stop
+
+    def result(self, epochs: int, snapshot: Callable[[], Any]) -> dict[str, Any]:
+        """The kept epoch (its weights from ``snapshot`` when every epoch ran: the last), the history, and the
+        epoch the out-of-fold rows would have chosen."""
+        if self.watch is None:
+            self.kept["state"] = snapshot()                 # the last epoch's weights, copied once
+        return self.kept | {"epochs_run": len(self.history), "stopped_early": len(self.history) < epochs,
+                            "history": self.history, "oof_chosen": self.oof_chosen}
+
+
 def train_torch_fold(data: DeepFoldData, x_valid: np.ndarray, m_valid: np.ndarray, y_valid: np.ndarray,
                      score_mask: np.ndarray, dl_cfg: DLConfig, runtime: TorchRuntime, seed: int, label: str,
                      micro_batch: int, accum_steps: int, watch: WatchSet | None = None,
@@ -2072,18 +2141,15 @@ def train_torch_fold(data: DeepFoldData, x_valid: np.ndarray, m_valid: np.ndarra
     device = runtime.device
     x_valid = data.standardize(x_valid, m_valid)
     model = build_time_series_net(data.x.shape[2], pools=dl_cfg.POOLS, hidden=dl_cfg.HIDDEN,
-                                  dropout=dl_cfg.DROPOUT).to(device)
+                                  dropout=dl_cfg.DROPOUT, width=dl_cfg.CONV_WIDTH).to(device)
     effective = micro_batch * accum_steps
     total_steps = dl_cfg.EPOCHS * math.ceil(len(data.y) / effective)
     optimizer = torch.optim.AdamW(model.parameters(), lr=dl_cfg.LEARNING_RATE, weight_decay=1e-2)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: one_cycle_lr(step, total_steps, dl_cfg.LEARNING_RATE) / dl_cfg.LEARNING_RATE)
     scaler = torch.amp.GradScaler(device.type) if runtime.use_scaler else None
-    stopper = EarlyStopper(dl_cfg.ES_PATIENCE, dl_cfg.ES_MIN_DELTA)
-    kept: dict[str, Any] = {}
-    oof_chosen: dict[str, Any] = {"score": None}
-    history = []
-    for epoch, (x_ep, m_ep, t_ep) in enumerate(prefetched_epochs(data, dl_cfg.EPOCHS)):
+    keeper = EpochKeeper(label, y_valid, score_mask, watch, dl_cfg.ES_PATIENCE, dl_cfg.ES_MIN_DELTA)
+    for x_ep, m_ep, t_ep in prefetched_epochs(data, dl_cfg.EPOCHS):
         started = time.perf_counter()
         model.train()
         x_tr, m_tr, t_tr = (torch.as_tensor(a, device=device) for a in (x_ep, m_ep, t_ep))
@@ -2106,33 +2172,12 @@ def train_torch_fold(data: DeepFoldData, x_valid: np.ndarray, m_valid: np.ndarra
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
         probs = predict_torch_probs(model, x_valid, m_valid, runtime)
-        score = score_probabilities(y_valid[score_mask], probs[score_mask])
-        if oof_chosen["score"] is None or score.score > oof_chosen["score"].score:
-            oof_chosen = {"score": score, "epoch": epoch + 1, "probs": probs}
-        watched, stop = None, False
-        if watch is not None:
-            watch_probs = predict_torch_probs(model, watch.x, watch.mask, runtime)
-            watched = score_probabilities(watch.y[watch.score_mask], watch_probs[watch.score_mask]).score
-            stop = stopper.step(watched)
-        if watch is None or stopper.best_epoch == stopper.epoch:      # every epoch, or the watch set's best
-            kept = {"score": score, "epoch": epoch + 1, "probs": probs, "watch_score": watched,
-                    "state": None if watch is None else _state_copy(model)}
-        seconds = time.perf_counter() - started
-        row = {"epoch": epoch + 1, "loss": float(np.mean(losses)) if losses else float("nan"),
-               "binary_f1": score.binary_f1, "macro_f1": score.macro_f1, "score": score.score,
-               "watch_score": watched, "lr": scheduler.get_last_lr()[0], "seconds": round(seconds, 3)}
-        history.append(row)
-        LOG.info(log_table_row((label, row["epoch"], row["loss"], score.binary_f1, score.macro_f1, score.score,
-                                "-" if watched is None else watched, f"{row['lr']:.2e}", f"{seconds:.1f}"),
-                               EPOCH_LOG_WIDTHS))
-        if stop:
-            LOG.info("%s: early stopping at epoch %d (best watch score %.4f at epoch %d)", label, epoch + 1,
-                     stopper.best, stopper.best_epoch + 1)
+        if keeper.end_epoch(float(np.mean(losses)) if losses else float("nan"), probs,
+                            lambda x, mask: predict_torch_probs(model, x, mask, runtime), scheduler.get_last_lr()[0],
+                            time.perf_counter() - started, lambda: _state_copy(model)):
             break
-    if watch is None:
-        kept["state"] = _state_copy(model)                  # the last epoch's weights, copied once
-    return kept | {"epochs_run": len(history), "stopped_early": len(history) < dl_cfg.EPOCHS, "history": history,
-                   "micro_batch": micro_batch, "accum_steps": accum_steps, "oof_chosen": oof_chosen}
+    return keeper.result(dl_cfg.EPOCHS, lambda: _state_copy(model)) | {"micro_batch": micro_batch,
+                                                                       "accum_steps": accum_steps}
 
 
 def train_torch_fold_with_fallback(*args: Any, dl_cfg: DLConfig, runtime: TorchRuntime, label: str,
@@ -2186,8 +2231,7 @@ def train_torch(inputs: DeepInputs, sequences: pl.DataFrame, folds: np.ndarray, 
     import torch
     runtime = runtime or torch_runtime()
     gpu = runtime.device.type == "cuda"
-    dl_cfg = dataclasses.replace(dl_cfg, EPOCHS=resolve_epochs(dl_cfg.EPOCHS, gpu, "DL_EPOCHS"),
-                                 BATCH_SIZE=resolve_batch(dl_cfg.BATCH_SIZE, gpu, "DL_BATCH_SIZE"))
+    dl_cfg = resolve_device_defaults(dl_cfg, gpu, "DL")
     started = time.perf_counter()
     inputs.require_order(sequences)
     y = sequences["label"].to_numpy()
@@ -2197,8 +2241,9 @@ def train_torch(inputs: DeepInputs, sequences: pl.DataFrame, folds: np.ndarray, 
     oof = np.full((len(y), len(GESTURES)), np.nan)
     oof_chosen = np.full_like(oof, np.nan)
     fold_metrics, paths, epoch_log = [], [], []
-    LOG.info("Torch %-4s | %d channels, pad %d, %d pooling stages, %d epochs, selection %s", variant, len(channels),
-             pad_len, dl_cfg.POOLS, dl_cfg.EPOCHS, recipe.SELECTION)
+    LOG.info("Torch %-4s | %d channels, pad %d, %d pooling stages of width %d, GRU %d, batch %d, %d epochs, "
+             "selection %s", variant, len(channels), pad_len, dl_cfg.POOLS, dl_cfg.CONV_WIDTH, dl_cfg.HIDDEN,
+             dl_cfg.BATCH_SIZE, dl_cfg.EPOCHS, recipe.SELECTION)
     LOG.info(log_table_row(EPOCH_LOG_HEADER, EPOCH_LOG_WIDTHS))
     for fold in (range(int(folds.max()) + 1) if only_folds is None else only_folds):   # only_folds: for bench/
         fold_start = time.perf_counter()
@@ -2217,7 +2262,7 @@ def train_torch(inputs: DeepInputs, sequences: pl.DataFrame, folds: np.ndarray, 
         checkpoint = {"state_dict": result["state"], "mean": torch.from_numpy(data.mean),
                       "std": torch.from_numpy(data.std), "pad_len": pad_len, "channels": channels,
                       "in_features": len(channels), "pools": dl_cfg.POOLS, "hidden": dl_cfg.HIDDEN,
-                      "dropout": dl_cfg.DROPOUT, "kept_epoch": result["epoch"], "selection": recipe.SELECTION,
+                      "conv_width": dl_cfg.CONV_WIDTH, "dropout": dl_cfg.DROPOUT, "kept_epoch": result["epoch"], "selection": recipe.SELECTION,
                       "classes": list(GESTURES)}
         _atomic_write(model_dir / relative, lambda tmp, c=checkpoint: torch.save(c, tmp))
         paths.append(relative)
@@ -2508,9 +2553,9 @@ def conv_block(x, filters: int, kernel: int, block: int):
 
 
 def build_keras_model(in_features: int, pad_len: int, conv_blocks: int, hidden: int = 128, dropout: float = 0.3,
-                      n_classes: int = len(GESTURES), name: str = "keras"):
+                      n_classes: int = len(GESTURES), name: str = "keras", width: int = 128):
     """The network that trains: standardised padded frames (pad_len x in_features, padding 0) and their mask
-    in, class probabilities out. Conv blocks as in TimeSeriesNet, the mask max-pooled once per pooling layer
+    in, class probabilities out. Conv blocks as in TimeSeriesNet (conv_plan), the mask max-pooled once per pooling layer
     actually built, a BiGRU, attention + masked mean, and a float32 softmax head (under mixed precision the
     output must not be fp16). Every layer has a fixed name, so two networks of one shape exchange weights and
     checkpoints whatever the network's own name. keras_inference_model wraps it for saving."""
@@ -2522,7 +2567,7 @@ def build_keras_model(in_features: int, pad_len: int, conv_blocks: int, hidden: 
     mask = keras.Input((pad_len,), name="mask")
     x = frames
     pools = []
-    for block, (filters, kernel) in enumerate(CONV_BLOCKS[:conv_blocks], start=1):
+    for block, (filters, kernel) in enumerate(conv_plan(width, conv_blocks), start=1):
         x, pool = conv_block(x, filters, kernel, block)
         pools.append(pool)
     x = keras.layers.Dropout(dropout, name="conv_features")(x)
@@ -2557,62 +2602,16 @@ def keras_inference_model(network, mean: np.ndarray, std: np.ndarray, name: str)
     return keras.Model([frames, mask], network([x, mask]), name=name)
 
 
-def keras_epoch_callbacks(x_valid: np.ndarray, m_valid: np.ndarray, y_valid: np.ndarray, score_mask: np.ndarray,
-                          watch: WatchSet | None, batch_size: int, total_steps: int, peak_lr: float, label: str,
-                          history: list[dict[str, Any]], record: dict[str, Any]) -> list[Any]:
-    """The learning-rate schedule (one_cycle_lr, set before every batch) and a callback that scores, after each
-    epoch, the out-of-fold rows (logged, never used to choose) and, with a watch set, the watch rows, whose
-    score goes into the logs as ``val_score`` for the EarlyStopping / ModelCheckpoint after it (callbacks share
-    one logs dict, in list order). It keeps the out-of-fold probabilities of the epoch that will be kept and
-    of the epoch the out-of-fold rows would have chosen; a NaN loss stops the fold with an error."""
+def seed_keras_fold(seed: int) -> None:
+    """What keras.utils.set_random_seed does, less TensorFlow's global seed: a new global seed makes TensorFlow
+    retrace the compiled training and prediction steps (~1.6 s per fold on 2 CPU cores, measured), and nothing
+    here draws from it: Keras initializers and dropout layers take their seeds from Python's random module."""
     import keras
-
-    def probabilities(model, x, mask) -> np.ndarray:
-        # predict_on_batch in chunks: model.predict() sets up a data adapter and callbacks on every call.
-        return np.concatenate([np.asarray(model.predict_on_batch([x[i:i + batch_size], mask[i:i + batch_size]]),
-                                          dtype=np.float64) for i in range(0, len(x), batch_size)])
-
-    class OneCycleSchedule(keras.callbacks.Callback):
-        def on_train_begin(self, logs=None):
-            self.step = 0
-
-        def on_train_batch_begin(self, batch, logs=None):
-            self.model.optimizer.learning_rate = one_cycle_lr(self.step, total_steps, peak_lr)
-            self.step += 1
-
-    class EpochScores(keras.callbacks.Callback):
-        def on_epoch_begin(self, epoch, logs=None):
-            self.started = time.perf_counter()
-
-        def on_epoch_end(self, epoch, logs=None):
-            logs = logs if logs is not None else {}
-            loss = float(logs.get("loss", float("nan")))
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"{label}: the training loss is {loss} at epoch {epoch + 1}")
-            probs = probabilities(self.model, x_valid, m_valid)
-            score = score_probabilities(y_valid[score_mask], probs[score_mask])
-            chosen = record.get("oof_chosen")
-            if chosen is None or score.score > chosen["score"].score:
-                record["oof_chosen"] = {"score": score, "epoch": epoch + 1, "probs": probs}
-            watched = None
-            if watch is not None:
-                watch_probs = probabilities(self.model, watch.x, watch.mask)
-                watched = score_probabilities(watch.y[watch.score_mask], watch_probs[watch.score_mask]).score
-                logs["val_score"] = watched
-            # Kept: every epoch when all run (the last one stays), else the watch set's best, as ModelCheckpoint
-            # (save_best_only: strictly better) keeps it.
-            if watch is None or record.get("watch_score") is None or watched > record["watch_score"]:
-                record.update(score=score, epoch=epoch + 1, probs=probs, watch_score=watched)
-            lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
-            seconds = time.perf_counter() - self.started
-            history.append({"epoch": epoch + 1, "loss": loss, "binary_f1": score.binary_f1,
-                            "macro_f1": score.macro_f1, "score": score.score, "watch_score": watched, "lr": lr,
-                            "seconds": round(seconds, 3)})
-            LOG.info(log_table_row((label, epoch + 1, loss, score.binary_f1, score.macro_f1, score.score,
-                                    "-" if watched is None else watched, f"{lr:.2e}", f"{seconds:.1f}"),
-                                   EPOCH_LOG_WIDTHS))
-
-    return [OneCycleSchedule(), EpochScores()]
+    random.seed(seed)
+    np.random.seed(seed)
+    if keras.backend.backend() == "torch":
+        import torch
+        torch.manual_seed(seed)
 
 
 class KerasFoldTrainer:
@@ -2628,24 +2627,38 @@ class KerasFoldTrainer:
         keras.backend.clear_session()                      # one variant's graphs and names do not pile up
         self.cfg, self.runtime = keras_cfg, runtime
         self.in_features, self.pad_len = in_features, pad_len
-        self.model = build_keras_model(in_features, pad_len, keras_cfg.CONV_BLOCKS, name=name)
+        self.model = self.network(name)
         self.model.compile(optimizer=keras.optimizers.AdamW(keras_cfg.LEARNING_RATE, weight_decay=1e-2),
                            loss="categorical_crossentropy", jit_compile=runtime.jit_compile)
         self.model.optimizer.build(self.model.trainable_variables)
         self.optimizer_start = [keras.ops.convert_to_numpy(v) for v in self.model.optimizer.variables]
 
+    def network(self, name: str):
+        cfg = self.cfg
+        return build_keras_model(self.in_features, self.pad_len, cfg.CONV_BLOCKS, hidden=cfg.HIDDEN, name=name,
+                                 width=cfg.CONV_WIDTH)
+
+    def probabilities(self, x: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        # predict_on_batch in chunks: model.predict() sets up a data adapter and callbacks on every call.
+        step = max(self.cfg.BATCH_SIZE, 2048)
+        return np.concatenate([np.asarray(self.model.predict_on_batch([x[i:i + step], mask[i:i + step]]),
+                                          dtype=np.float64) for i in range(0, len(x), step)])
+
     def fit_fold(self, data: DeepFoldData, x_valid: np.ndarray, m_valid: np.ndarray, y_valid: np.ndarray,
                  score_mask: np.ndarray, epochs: int, seed: int, label: str, name: str, path: Path,
                  watch: WatchSet | None = None) -> dict[str, Any]:
         """One fold on DeepFoldData's augmented epochs: fresh seeded weights, AdamW from its initial state
-        following one_cycle_lr. Without a watch set every epoch runs and the last weights are kept; with one,
-        EarlyStopping and ModelCheckpoint watch its score and the checkpointed best epoch is kept. The kept
-        network, wrapped with the fold's standardisation (keras_inference_model), is saved to ``path``."""
+        following one_cycle_lr, one train_on_batch per batch; EpochKeeper chooses the epoch as in the Torch
+        loop (the last, or the watch set's best). The kept network, wrapped with the fold's standardisation
+        (keras_inference_model), is saved to ``path``.
+
+        A loop of train_on_batch rather than model.fit: fit() over a generator paused ~10 s at its end in about
+        half the folds on the CPU (TensorFlow tearing down the generator's dataset), and the loop needs neither
+        a generator nor callbacks; the training step is the same compiled function fit() runs."""
         import keras
-        keras.utils.set_random_seed(seed)
+        seed_keras_fold(seed)
         batch = self.cfg.BATCH_SIZE
-        fold_network = build_keras_model(self.in_features, self.pad_len, self.cfg.CONV_BLOCKS,
-                                         name=f"{name}_network")
+        fold_network = self.network(f"{name}_network")
         self.model.set_weights(fold_network.get_weights())
         # Dropout's random state is no weight: copied from the fold network too, or each fold would draw its
         # masks from wherever the previous fold left them, and runs would not repeat.
@@ -2654,52 +2667,29 @@ class KerasFoldTrainer:
                 own.state.assign(fresh.state)
         for variable, start in zip(self.model.optimizer.variables, self.optimizer_start):
             variable.assign(start)
-        training = keras_training_data(data, batch, epochs)
-        history: list[dict[str, Any]] = []
-        record: dict[str, Any] = {}
-        callbacks = keras_epoch_callbacks(data.standardize(x_valid, m_valid), m_valid, y_valid, score_mask, watch,
-                                          max(batch, 2048), epochs * training["steps_per_epoch"],
-                                          self.cfg.LEARNING_RATE, label, history, record)
-        checkpoint = path.with_name(f"{name}.weights.h5")
-        if watch is not None:
-            callbacks += [
-                keras.callbacks.EarlyStopping(monitor="val_score", mode="max",
-                                              patience=self.cfg.EARLY_STOPPING_PATIENCE),
-                keras.callbacks.ModelCheckpoint(str(checkpoint), monitor="val_score", mode="max", save_best_only=True,
-                                                save_weights_only=True)]
-        self.model.fit(**training, epochs=epochs, callbacks=callbacks, verbose=0)
-        if watch is not None:
-            fold_network.load_weights(checkpoint)          # the watch set's best epoch, as checkpointed
-        else:
-            fold_network.set_weights(self.model.get_weights())
+        x_valid = data.standardize(x_valid, m_valid)
+        n = len(data.y)
+        total_steps = epochs * (n // batch + (1 if n % batch >= 2 else 0))
+        keeper = EpochKeeper(label, y_valid, score_mask, watch, self.cfg.EARLY_STOPPING_PATIENCE, 0.0)
+        step = 0
+        for x_ep, m_ep, t_ep in prefetched_epochs(data, epochs):
+            started = time.perf_counter()
+            losses = []
+            for start in range(0, n, batch):
+                part = slice(start, start + batch)
+                if len(t_ep[part]) < 2:                    # BatchNorm cannot train on one sample, as in Torch
+                    continue
+                self.model.optimizer.learning_rate = one_cycle_lr(step, total_steps, self.cfg.LEARNING_RATE)
+                losses.append(float(self.model.train_on_batch([x_ep[part], m_ep[part]], t_ep[part])))
+                step += 1
+            lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+            if keeper.end_epoch(float(np.mean(losses)) if losses else float("nan"), self.probabilities(x_valid, m_valid),
+                                self.probabilities, lr, time.perf_counter() - started, self.model.get_weights):
+                break
+        result = keeper.result(epochs, self.model.get_weights)
+        fold_network.set_weights(result.pop("state"))
         keras_inference_model(fold_network, data.mean, data.std, name).save(path)
-        stopped = len(history) < epochs
-        if stopped:
-            LOG.info("%s: early stopping at epoch %d (best watch score %.4f at epoch %d)", label, len(history),
-                     record["watch_score"], record["epoch"])
-        return {k: record[k] for k in ("score", "epoch", "probs", "watch_score", "oof_chosen")} | {
-            "epochs_run": len(history), "stopped_early": stopped, "history": history, "micro_batch": batch,
-            "accum_steps": 1}
-
-
-def keras_training_data(data: DeepFoldData, batch_size: int, epochs: int) -> dict[str, Any]:
-    """model.fit's data arguments for one fold: DeepFoldData's ``epochs`` epochs (augmented, shuffled) cut into
-    batches by a generator, and the number of batches per epoch. A last batch of one
-    sequence is left out (BatchNorm cannot train on it), as in the Torch loop.
-
-    The generator goes to model.fit as it is, on every backend: Keras's own generator adapter gives batches of
-    unknown size to TensorFlow, so one trace serves every batch and fold."""
-    n = len(data.y)
-    steps = n // batch_size + (1 if n % batch_size >= 2 else 0)
-
-    def batches():
-        # No thread of ours: Keras's adapter already pulls batches ahead on its own (tf.data prefetch).
-        for x, mask, targets in prefetched_epochs(data, epochs, background=False):
-            for step in range(steps):
-                part = slice(step * batch_size, (step + 1) * batch_size)
-                yield (x[part], mask[part]), targets[part]
-
-    return {"x": batches(), "steps_per_epoch": steps, "shuffle": False}      # shuffled by DeepFoldData.epoch
+        return result | {"micro_batch": batch, "accum_steps": 1}
 
 
 def train_keras(inputs: DeepInputs, sequences: pl.DataFrame, folds: np.ndarray, variant: str,
@@ -2708,9 +2698,8 @@ def train_keras(inputs: DeepInputs, sequences: pl.DataFrame, folds: np.ndarray, 
     """Cross-validate the Keras model for one variant; one .keras file per fold (never .pt: the two deep
     families' artifacts stay apart), the same result shape as train_lgbm / train_torch."""
     runtime = keras_runtime(speed)
-    keras_cfg = dataclasses.replace(keras_cfg, BATCH_SIZE=resolve_batch(keras_cfg.BATCH_SIZE, runtime.gpu,
-                                                                        "KERAS_BATCH_SIZE"))
-    epochs = resolve_epochs(keras_cfg.EPOCHS, runtime.gpu, "KERAS_EPOCHS")
+    keras_cfg = resolve_device_defaults(keras_cfg, runtime.gpu, "KERAS")
+    epochs = keras_cfg.EPOCHS
     started = time.perf_counter()
     inputs.require_order(sequences)
     y = sequences["label"].to_numpy()
@@ -2720,9 +2709,9 @@ def train_keras(inputs: DeepInputs, sequences: pl.DataFrame, folds: np.ndarray, 
     oof = np.full((len(y), len(GESTURES)), np.nan)
     oof_chosen = np.full_like(oof, np.nan)
     fold_metrics, paths, epoch_log = [], [], []
-    LOG.info("Keras %-4s | %s | %d channels, pad %d, %d conv blocks, batch %d, %d epochs, selection %s", variant,
-             runtime.describe(), len(channels), pad_len, keras_cfg.CONV_BLOCKS, keras_cfg.BATCH_SIZE, epochs,
-             recipe.SELECTION)
+    LOG.info("Keras %-4s | %s | %d channels, pad %d, %d conv blocks of width %d, GRU %d, batch %d, %d epochs, "
+             "selection %s", variant, runtime.describe(), len(channels), pad_len, keras_cfg.CONV_BLOCKS,
+             keras_cfg.CONV_WIDTH, keras_cfg.HIDDEN, keras_cfg.BATCH_SIZE, epochs, recipe.SELECTION)
     LOG.info(log_table_row(EPOCH_LOG_HEADER, EPOCH_LOG_WIDTHS))
     models_dir = model_dir / "models"
     models_dir.mkdir(parents=True, exist_ok=True)
@@ -2735,8 +2724,8 @@ def train_keras(inputs: DeepInputs, sequences: pl.DataFrame, folds: np.ndarray, 
             data = DeepFoldData(*inputs.take(variant, pad_len, train_idx), y[train_idx], channels, recipe, seed + fold)
             x_va, m_va = inputs.take(variant, pad_len, valid_idx)
             name = f"keras_{variant}_fold{fold}"
-            # ModelCheckpoint and save() write in place: into a private folder beside the final file, which is
-            # moved into place (atomically) only when the fold is done.
+            # save() writes in place: into a private folder beside the final file, which is moved into place
+            # (atomically) only when the fold is done.
             scratch = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=models_dir))
             try:
                 result = trainer.fit_fold(data, x_va, m_va, y[valid_idx], eval_mask[valid_idx], epochs, seed + fold,
@@ -3222,12 +3211,15 @@ class TorchFamily:
         for ck in checkpoints:
             if ck.get("channels") != list(columns):
                 raise ValueError("checkpoint input channels differ from the manifest's (trained by another version?)")
-            net = build_time_series_net(ck["in_features"], pools=ck["pools"], hidden=ck["hidden"], dropout=ck["dropout"])
+            ck.setdefault("conv_width", 128)             # checkpoints from before the width was configurable
+            net = build_time_series_net(ck["in_features"], pools=ck["pools"], hidden=ck["hidden"], dropout=ck["dropout"],
+                                        width=ck["conv_width"])
             net.load_state_dict(ck["state_dict"])
             net.eval()
             self.models.append((net, ck["mean"].numpy(), ck["std"].numpy(), ck["pad_len"]))
         # One stacked network when the folds share an architecture (they do within a run), else a loop.
-        same = len({(ck["in_features"], ck["pools"], ck["hidden"], ck["pad_len"]) for ck in checkpoints}) == 1
+        same = len({(ck["in_features"], ck["pools"], ck["hidden"], ck["conv_width"], ck["pad_len"])
+                    for ck in checkpoints}) == 1
         self.stack = stack_fold_nets([m[0] for m in self.models]) if same and len(self.models) > 1 else None
         if self.stack is not None:
             self.pad_len = self.models[0][3]

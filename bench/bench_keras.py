@@ -4,8 +4,8 @@
     python bench/bench_keras.py --subjects 20      # quicker
     KERAS_BACKEND=torch python bench/bench_keras.py   # the same on another backend
 
-Epochs: the training path each family really uses (train_torch_fold; KerasFoldTrainer.fit_fold with its
-tf.data input), on fold 0's training sequences of the chosen subjects, batch KERAS_BATCH_SIZE for both,
+Epochs: the training path each family really uses (train_torch_fold; KerasFoldTrainer.fit_fold, a
+train_on_batch loop), on fold 0's training sequences of the chosen subjects, batch KERAS_BATCH_SIZE for both,
 validation on 64 sequences only (both families score the validation fold every epoch; a small one keeps
 the figure about training). 1 + --epochs epochs: the first (Keras traces its steps there) is reported
 apart, the mean of the rest is the steady state. Then the same Keras epochs under mixed precision.
@@ -43,9 +43,12 @@ def keras_epochs(data, xv, mv, yv, mixed: bool, epochs: int, keras_cfg, runtime)
 
 
 def torch_epochs(data, xv, mv, yv, epochs: int, batch: int) -> tuple[float, float, float]:
-    """The same for train_torch_fold, on the same DeepFoldData (the same augmented epochs)."""
-    dl_cfg = dataclasses.replace(ti.DLConfig(), EPOCHS=1 + epochs, BATCH_SIZE=batch)
-    result = ti.train_torch_fold(data, xv, mv, yv, np.ones(len(yv), bool), dl_cfg, ti.torch_runtime(), 0,
+    """The same for train_torch_fold, on the same DeepFoldData (the same augmented epochs), the same network
+    size as Keras's (both follow the device's defaults unless DL_* / KERAS_* say otherwise)."""
+    runtime = ti.torch_runtime()
+    dl_cfg = ti.resolve_device_defaults(ti.DLConfig(), runtime.device.type == "cuda", "DL")
+    dl_cfg = dataclasses.replace(dl_cfg, EPOCHS=1 + epochs, BATCH_SIZE=batch)
+    result = ti.train_torch_fold(data, xv, mv, yv, np.ones(len(yv), bool), dl_cfg, runtime, 0,
                                  "torch bench", batch, 1)
     seconds = [h["seconds"] for h in result["history"]]
     return seconds[0], float(np.mean(seconds[1:])), result["history"][-1]["loss"]
@@ -85,13 +88,13 @@ def main() -> None:
     x, mask = inputs.take("full", keras_cfg.FIXED_PAD_LEN, train_idx)
     xv, mv = inputs.take("full", keras_cfg.FIXED_PAD_LEN, valid_idx)
     y, yv = sequences["label"].to_numpy()[train_idx], sequences["label"].to_numpy()[valid_idx]
-    batch = ti.resolve_batch(keras_cfg.BATCH_SIZE, runtime.gpu, "KERAS_BATCH_SIZE")
-    keras_cfg = dataclasses.replace(keras_cfg, BATCH_SIZE=batch)
+    keras_cfg = ti.resolve_device_defaults(keras_cfg, runtime.gpu, "KERAS")
+    batch = keras_cfg.BATCH_SIZE
     data = ti.DeepFoldData(x, mask, y, ti.deep_channels("full"), ti.RecipeConfig(), 0)
 
     torch_first, torch_epoch, torch_loss = torch_epochs(data, xv, mv, yv, args.epochs, batch)
     rows = [("Torch, float32 (train_torch_fold)", torch_first, torch_epoch, torch_loss)]
-    rows.append(("Keras, float32 (KerasFoldTrainer, tf.data)",
+    rows.append(("Keras, float32 (KerasFoldTrainer, train_on_batch)",
                  *keras_epochs(data, xv, mv, yv, False, args.epochs, keras_cfg, runtime)))
     if not args.skip_mixed:
         rows.append(("Keras, mixed_float16", *keras_epochs(data, xv, mv, yv, True, args.epochs, keras_cfg, runtime)))

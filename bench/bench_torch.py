@@ -48,8 +48,8 @@ def dl_config(env: dict[str, str], epochs: int | None) -> ti.DLConfig:
     finally:
         for k, v in saved.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-    dl_cfg.EPOCHS = epochs or dl_cfg.EPOCHS or ti.GPU_EPOCHS
-    return dl_cfg
+    dl_cfg.EPOCHS = epochs or dl_cfg.EPOCHS
+    return ti.resolve_device_defaults(dl_cfg, gpu=True, prefix="DL")    # the notes' network, GPU budget
 
 
 def forced_oom_row(inputs: ti.DeepInputs, sequences: pl.DataFrame, folds: np.ndarray, variant: str,

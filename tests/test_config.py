@@ -12,7 +12,7 @@ import train_infer as ti
 def test_defaults_follow_the_design_notes():
     s = ti.Settings.from_env()
     assert s.dl.FIXED_PAD_LEN == 90 and s.dl.PAD_LEN_PERCENTILE == 95
-    assert s.dl.BATCH_SIZE is None and s.dl.ACCUM_STEPS == 1            # by device: GPU_BATCH, or CPU_BATCH
+    assert s.dl.BATCH_SIZE is None and s.dl.ACCUM_STEPS == 1            # by device: DEVICE_DEFAULTS
     assert s.dl.ES_PATIENCE == 6 and s.dl.ES_MIN_DELTA == 1e-4
     assert s.frame_cache.MAX_ITEMS is None and s.frame_cache.MAX_BYTES == 2048 * 1024 * 1024   # items: from the data
     assert s.keras.BATCH_SIZE is None and s.keras.EARLY_STOPPING_PATIENCE == 3
@@ -20,22 +20,22 @@ def test_defaults_follow_the_design_notes():
     assert s.keras_speed.MIXED_PRECISION is None and s.keras_speed.JIT_COMPILE is False
     assert s.ensemble.TRIALS == 1024
     assert s.cfg.RUN_LGBM_TRAINING and s.cfg.RUN_TORCH_TRAINING and s.cfg.RUN_KERAS_TRAINING
-    assert s.dl.EPOCHS is None and s.keras.EPOCHS is None          # by device: GPU_EPOCHS, or CPU_EPOCHS
+    for deep in (s.dl, s.keras):                                  # by device: DEVICE_DEFAULTS
+        assert deep.EPOCHS is None and deep.CONV_WIDTH is None and deep.HIDDEN is None
     assert s.cfg.N_FOLDS == 5 and s.cfg.SYNTHETIC_SIZE == "demo"
     assert s.dl.FRAME_FEATURE_DIR == Path(s.cfg.OUTPUT_PATH) / "frame_features"
 
 
-def test_epochs_follow_the_device_unless_set(warnings_seen):
-    assert ti.resolve_epochs(None, gpu=True, variable="DL_EPOCHS") == ti.GPU_EPOCHS == 40
-    assert ti.resolve_epochs(None, gpu=False, variable="DL_EPOCHS") == ti.CPU_EPOCHS
-    assert "DL_EPOCHS is unset and there is no GPU" in warnings_seen.text
-    assert ti.resolve_epochs(12, gpu=False, variable="KERAS_EPOCHS") == 12
-
-
-def test_batch_follows_the_device_unless_set():
-    assert ti.resolve_batch(None, gpu=True, variable="DL_BATCH_SIZE") == ti.GPU_BATCH == 512
-    assert ti.resolve_batch(None, gpu=False, variable="DL_BATCH_SIZE") == ti.CPU_BATCH == 64
-    assert ti.resolve_batch(128, gpu=True, variable="KERAS_BATCH_SIZE") == 128
+def test_deep_sizes_follow_the_device_unless_set(monkeypatch):
+    gpu = ti.resolve_device_defaults(ti.DLConfig(), gpu=True, prefix="DL")
+    assert (gpu.EPOCHS, gpu.BATCH_SIZE, gpu.CONV_WIDTH, gpu.HIDDEN) == (40, 512, 128, 128)   # the notes' network
+    assert ti.conv_plan(gpu.CONV_WIDTH, 4) == [(128, 7), (256, 5), (256, 3), (256, 3)]      # notes 2-1
+    cpu = ti.resolve_device_defaults(ti.KerasConfig(), gpu=False, prefix="KERAS")
+    assert (cpu.EPOCHS, cpu.BATCH_SIZE, cpu.CONV_WIDTH, cpu.HIDDEN) == (20, 64, 32, 64)
+    monkeypatch.setenv("KERAS_EPOCHS", "12")
+    monkeypatch.setenv("KERAS_CONV_WIDTH", "96")
+    chosen = ti.resolve_device_defaults(ti.KerasConfig(), gpu=True, prefix="KERAS")
+    assert (chosen.EPOCHS, chosen.BATCH_SIZE, chosen.CONV_WIDTH, chosen.HIDDEN) == (12, 512, 96, 128)
 
 
 def test_environment_is_read_when_the_object_is_built(monkeypatch):

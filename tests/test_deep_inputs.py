@@ -202,3 +202,25 @@ def test_the_watch_rows_are_training_subjects_never_the_out_of_fold_ones():
         assert len(set(fit) & set(watch)) == 0 and (folds[fit] != fold).all() and (folds[watch] != fold).all()
         assert sorted(np.concatenate([fit, watch])) == list(np.flatnonzero(folds != fold))
         assert not set(subjects[fit]) & set(subjects[watch])          # grouped by subject
+
+
+def test_both_families_keep_the_last_epoch_or_the_watch_sets_best_and_stop_on_a_nan_loss():
+    """EpochKeeper, shared by the Torch and Keras loops: the out-of-fold rows never choose the kept epoch, and a
+    loss that is not finite stops the fold with an error naming it."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, len(ti.GESTURES), 40)
+    right, wrong = np.eye(len(ti.GESTURES))[y], np.eye(len(ti.GESTURES))[(y + 1) % len(ti.GESTURES)]
+    watch = ti.WatchSet(np.zeros((40, 4, 2), np.float32), np.ones((40, 4), np.float32), y, np.ones(40, bool))
+    # Out-of-fold rows best at epoch 1, the watch set best at epoch 2: inner keeps 2, fixed keeps the last (3).
+    oof_probs, watch_probs = [right, wrong, wrong], [wrong, right, wrong]
+    for watched, expected in ((None, 3), (watch, 2)):
+        keeper = ti.EpochKeeper("k", y, np.ones(40, bool), watched, patience=5, min_delta=0.0)
+        for epoch in range(3):
+            keeper.end_epoch(1.0, oof_probs[epoch], lambda x, m, e=epoch: watch_probs[e], 1e-3, 0.1,
+                             lambda e=epoch: f"weights {e + 1}")
+        result = keeper.result(3, lambda: "weights 3")
+        assert result["epoch"] == expected and result["state"] == f"weights {expected}"
+        assert result["oof_chosen"]["epoch"] == 1                   # reported, never used
+    with pytest.raises(FloatingPointError, match="k: the training loss is nan at epoch 1"):
+        ti.EpochKeeper("k", y, np.ones(40, bool), None, 5, 0.0).end_epoch(float("nan"), right, None, 1e-3, 0.1,
+                                                                          lambda: None)

@@ -212,6 +212,10 @@ def _fold_arrays(seed, n=160, pad=90, features=21):
     return x * mask[..., None], mask, rng.integers(0, len(ti.GESTURES), n)
 
 
+def _cpu_config():
+    return ti.resolve_device_defaults(ti.KerasConfig(), gpu=False, prefix="KERAS")
+
+
 def _fold_data(seed, n=160):
     x, m, y = _fold_arrays(seed, n=n)
     return ti.DeepFoldData(x, m, y, ti.IMU_FRAME_FEATURES, ti.RecipeConfig(), seed)
@@ -219,7 +223,7 @@ def _fold_data(seed, n=160):
 
 def test_a_reused_trainer_trains_each_fold_exactly_as_a_fresh_model(tmp_path, monkeypatch):
     monkeypatch.setenv("KERAS_BATCH_SIZE", "64")
-    keras_cfg, runtime = ti.KerasConfig(), ti.keras_runtime(ti.KerasSpeedConfig())
+    keras_cfg, runtime = _cpu_config(), ti.keras_runtime(ti.KerasSpeedConfig())
     folds = [(_fold_data(1), _fold_arrays(2, n=40)), (_fold_data(3, n=150), _fold_arrays(4, n=30))]
 
     def fit(trainer, k):
@@ -244,7 +248,7 @@ def test_the_kept_keras_epoch_never_reads_the_out_of_fold_rows(tmp_path, monkeyp
     """Two folds that differ only in their out-of-fold rows keep the same epoch and the same weights."""
     monkeypatch.setenv("KERAS_BATCH_SIZE", "64")
     monkeypatch.setenv("KERAS_ES_PATIENCE", "1")
-    keras_cfg, runtime = ti.KerasConfig(), ti.keras_runtime(ti.KerasSpeedConfig())
+    keras_cfg, runtime = _cpu_config(), ti.keras_runtime(ti.KerasSpeedConfig())
     trainer = ti.KerasFoldTrainer(21, 90, keras_cfg, runtime, "keras_h")
     xw, mw, yw = _fold_arrays(9, n=50)
     data = _fold_data(1)
@@ -260,12 +264,12 @@ def test_the_kept_keras_epoch_never_reads_the_out_of_fold_rows(tmp_path, monkeyp
 
 
 def test_keras_trains_on_a_new_augmented_epoch_each_epoch(tmp_path, monkeypatch):
-    """model.fit pulls its batches from DeepFoldData.epoch(0), epoch(1), ...: never the first epoch again."""
+    """Keras trains on DeepFoldData.epoch(0), epoch(1), ...: never the first epoch again."""
     monkeypatch.setenv("KERAS_BATCH_SIZE", "64")
     seen = []
     original = ti.DeepFoldData.epoch
     monkeypatch.setattr(ti.DeepFoldData, "epoch", lambda self, epoch: seen.append(epoch) or original(self, epoch))
-    trainer = ti.KerasFoldTrainer(21, 90, ti.KerasConfig(), ti.keras_runtime(ti.KerasSpeedConfig()), "keras_e")
+    trainer = ti.KerasFoldTrainer(21, 90, _cpu_config(), ti.keras_runtime(ti.KerasSpeedConfig()), "keras_e")
     xv, mv, yv = _fold_arrays(2, n=40)
     trainer.fit_fold(_fold_data(1), xv, mv, yv, np.ones(len(yv), bool), 3, 0, "e", "keras_e_fold0",
                      tmp_path / "e.keras")

@@ -112,6 +112,10 @@ def _fold_args(n_train=300, n_valid=40, seed=0):
     return (data, x[n_train:], m[n_train:], y[n_train:], np.ones(n_valid, bool))
 
 
+def _cpu_config():
+    return ti.resolve_device_defaults(ti.DLConfig(), gpu=False, prefix="DL")
+
+
 def _watch(n=60, seed=5):
     x, m, y = _tiny_arrays(n, seed=seed)
     return ti.WatchSet(x, m, y, np.ones(n, bool))
@@ -119,8 +123,7 @@ def _watch(n=60, seed=5):
 
 def _train_with_hook(hook):
     """One fold, one epoch, through the OOM fallback, with ``hook`` called before every micro-batch."""
-    dl_cfg = ti.DLConfig()
-    dl_cfg.BATCH_SIZE = dl_cfg.BATCH_SIZE or ti.CPU_BATCH
+    dl_cfg = _cpu_config()
     return ti.train_torch_fold_with_fallback(*_fold_args(), dl_cfg=dl_cfg,
                                              runtime=ti.TorchRuntime(torch.device("cpu"), None), seed=0, label="test",
                                              oom_hook=hook)
@@ -169,7 +172,7 @@ def test_early_stopping_on_the_watch_set_ends_training_and_keeps_its_best_epoch(
     monkeypatch.setenv("DL_EPOCHS", "30")
     monkeypatch.setenv("TORCH_ES_PATIENCE", "2")
     monkeypatch.setenv("TORCH_ES_MIN_DELTA", "0.5")         # nothing improves by 0.5: stop after 1 + 2 epochs
-    result = ti.train_torch_fold(*_fold_args(), dl_cfg=ti.DLConfig(), runtime=ti.TorchRuntime(torch.device("cpu"), None),
+    result = ti.train_torch_fold(*_fold_args(), dl_cfg=_cpu_config(), runtime=ti.TorchRuntime(torch.device("cpu"), None),
                                  seed=0, label="t", micro_batch=32, accum_steps=1, watch=_watch())
     assert result["epochs_run"] == 3 and result["stopped_early"] and result["epoch"] == 1
     assert "early stopping at epoch 3" in warnings_seen.text
@@ -186,7 +189,7 @@ def test_the_kept_epoch_never_reads_the_out_of_fold_rows(monkeypatch, inner):
     for valid_seed in (1, 2):
         data, *_ = _fold_args()
         _, x_va, m_va, y_va, score_mask = _fold_args(seed=valid_seed)
-        runs.append(ti.train_torch_fold(data, x_va, m_va, y_va, score_mask, dl_cfg=ti.DLConfig(), runtime=runtime,
+        runs.append(ti.train_torch_fold(data, x_va, m_va, y_va, score_mask, dl_cfg=_cpu_config(), runtime=runtime,
                                         seed=0, label="t", micro_batch=32, accum_steps=1,
                                         watch=_watch() if inner else None))
     assert runs[0]["epoch"] == runs[1]["epoch"] == (runs[0]["epoch"] if inner else 4)
