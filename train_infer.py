@@ -2624,7 +2624,11 @@ class KerasFoldTrainer:
     def __init__(self, in_features: int, pad_len: int, keras_cfg: KerasConfig, runtime: KerasRuntime,
                  name: str) -> None:
         import keras
+        policy = keras.mixed_precision.global_policy()
         keras.backend.clear_session()                      # one variant's graphs and names do not pile up
+        # clear_session also resets the dtype policy to float32: without this, a model built under
+        # keras_precision(True) trained in float32 while the log said mixed_float16.
+        keras.mixed_precision.set_global_policy(policy)
         self.cfg, self.runtime = keras_cfg, runtime
         self.in_features, self.pad_len = in_features, pad_len
         self.model = self.network(name)

@@ -224,3 +224,42 @@ def test_both_families_keep_the_last_epoch_or_the_watch_sets_best_and_stop_on_a_
     with pytest.raises(FloatingPointError, match="k: the training loss is nan at epoch 1"):
         ti.EpochKeeper("k", y, np.ones(40, bool), None, 5, 0.0).end_epoch(float("nan"), right, None, 1e-3, 0.1,
                                                                           lambda: None)
+
+
+def _raw_full_route_fold(n, seed):
+    """Full-route channels at sensor magnitudes (ToF up to 255, thm ~30 degrees), with missing values and padding."""
+    rng = np.random.default_rng(seed)
+    channels = ti.deep_channels("full")
+    x = rng.standard_normal((n, 90, len(channels))).astype(np.float32) * 40 + 120
+    x[rng.random(x.shape) < 0.05] = np.nan
+    mask = (np.arange(90)[None, :] < rng.integers(20, 90, n)[:, None]).astype(np.float32)
+    return x * mask[..., None], mask, rng.integers(0, len(ti.GESTURES), n), channels
+
+
+@pytest.mark.parametrize("family", ["torch", "keras"])
+def test_every_augmentation_under_half_precision_gives_finite_losses_and_probabilities(family, tmp_path):
+    """The whole recipe (crop, stretch, rotation, sensor dropout, gain, noise, mixup, smoothing) on raw-scale
+    inputs with missing values, trained under reduced precision: bf16 autocast for Torch (the GPU's choice; CPU
+    autocast here), mixed_float16 for Keras. No NaN loss (EpochKeeper would raise), no NaN probability."""
+    x, mask, y, channels = _raw_full_route_fold(96, 0)
+    xv, mv, yv, _ = _raw_full_route_fold(32, 1)
+    data = ti.DeepFoldData(x, mask, y, channels, ti.RecipeConfig(), 0)
+    if family == "torch":
+        torch = pytest.importorskip("torch")
+        cfg = dataclasses.replace(ti.resolve_device_defaults(ti.DLConfig(), gpu=False, prefix="DL"), EPOCHS=2, HIDDEN=16)
+        result = ti.train_torch_fold(data, xv, mv, yv, np.ones(32, bool), dl_cfg=cfg,
+                                     runtime=ti.TorchRuntime(torch.device("cpu"), torch.bfloat16), seed=0, label="bf16",
+                                     micro_batch=32, accum_steps=1)
+    else:
+        keras = pytest.importorskip("keras")
+        cfg = dataclasses.replace(ti.resolve_device_defaults(ti.KerasConfig(), gpu=False, prefix="KERAS"), HIDDEN=16,
+                                  BATCH_SIZE=32)
+        runtime = dataclasses.replace(ti.keras_runtime(ti.KerasSpeedConfig()), mixed_precision=True)
+        with ti.keras_precision(True):
+            trainer = ti.KerasFoldTrainer(len(channels), 90, cfg, runtime, "keras_mp")
+            assert trainer.model.get_layer("conv_features").compute_dtype == "float16"
+            result = trainer.fit_fold(data, xv, mv, yv, np.ones(32, bool), 2, 0, "fp16", "keras_mp_fold0",
+                                      tmp_path / "keras_mp.keras")
+        assert keras.mixed_precision.global_policy().name == "float32"
+    assert len(result["history"]) == 2 and all(np.isfinite(h["loss"]) for h in result["history"])
+    assert np.isfinite(result["probs"]).all()
