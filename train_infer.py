@@ -12,7 +12,8 @@ What it does, top to bottom:
      the aggregates; a Torch TimeSeriesNet and a Keras model (keras.ops only) on padded frame features from
      a Parquet store + LRU cache, with missing-value channels, one shared augmentation recipe, a one-cycle
      schedule that finishes, gradient accumulation, an OOM fallback, and network size, batch, epochs and
-     mixed precision decided by the device. No epoch or boosting round is ever chosen on the rows that become out-of-fold predictions;
+     mixed precision decided by the device. No epoch or boosting round is ever chosen on the rows that
+     become out-of-fold predictions;
   5. searches ensemble weights per route on out-of-fold probabilities (kept only when they beat equal
      weights out of fold) and measures a per-subject assignment on a replay of the gateway;
   6. saves models, config, feature version, library versions, out-of-fold predictions and a summary table;
@@ -2262,8 +2263,8 @@ def train_torch(inputs: DeepInputs, sequences: pl.DataFrame, folds: np.ndarray, 
         checkpoint = {"state_dict": result["state"], "mean": torch.from_numpy(data.mean),
                       "std": torch.from_numpy(data.std), "pad_len": pad_len, "channels": channels,
                       "in_features": len(channels), "pools": dl_cfg.POOLS, "hidden": dl_cfg.HIDDEN,
-                      "conv_width": dl_cfg.CONV_WIDTH, "dropout": dl_cfg.DROPOUT, "kept_epoch": result["epoch"], "selection": recipe.SELECTION,
-                      "classes": list(GESTURES)}
+                      "conv_width": dl_cfg.CONV_WIDTH, "dropout": dl_cfg.DROPOUT, "kept_epoch": result["epoch"],
+                      "selection": recipe.SELECTION, "classes": list(GESTURES)}
         _atomic_write(model_dir / relative, lambda tmp, c=checkpoint: torch.save(c, tmp))
         paths.append(relative)
         seconds = time.perf_counter() - fold_start
