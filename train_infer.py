@@ -70,6 +70,7 @@ NON_TARGET_GESTURES = (
     "Drink from bottle/cup", "Pinch knee/leg skin",
 )
 GESTURES = TARGET_GESTURES + NON_TARGET_GESTURES          # class index = position in this tuple
+DECODINGS = ("argmax", "nine_way")                       # how probabilities become a gesture (decide_gestures)
 GESTURE_TO_INDEX = {g: i for i, g in enumerate(GESTURES)}
 # The seed's fail-safe answer: the most frequent non-target gesture, so a failure costs as little BinF1 as possible.
 DEFAULT_GESTURE = "Text on phone"
@@ -187,6 +188,7 @@ class Config:
     RUN_TORCH_TRAINING: bool = field(default_factory=lambda: env_bool("RUN_TORCH_TRAINING", True))   # Torch TimeSeriesNet
     RUN_KERAS_TRAINING: bool = field(default_factory=lambda: env_bool("RUN_KERAS_TRAINING", True))   # Keras model
     RUN_INFERENCE: bool = field(default_factory=lambda: env_bool("RUN_INFERENCE", True))            # answer test.csv after training
+    FULL_FIT: bool | None = field(default_factory=lambda: env_bool("FULL_FIT", None))                # refit every family on all data after CV; None: on with a GPU
 
     @property
     def model_dir(self) -> Path:
@@ -210,7 +212,8 @@ class LGBMConfig:
 class EnsembleConfig:
     """How the families' probabilities are combined: weight search per route, per-subject assignment."""
     TRIALS: int = field(default_factory=lambda: env_int("ENSEMBLE_TRIALS", 1024, minimum=1))        # weight-search trials; the notes (6-6) found 4096 too slow
-    PER_SUBJECT: bool | None = field(default_factory=lambda: env_bool("ENSEMBLE_PER_SUBJECT", None))  # per-subject assignment; None = on if it helps OOF
+    PER_SUBJECT: bool | None = field(default_factory=lambda: env_bool("ENSEMBLE_PER_SUBJECT", None))  # per-subject assignment; None = on if its replayed gain clears the noise
+    DECODING: str = field(default_factory=lambda: env_choice("ENSEMBLE_DECODING", "auto", ("auto",) + DECODINGS))  # argmax | nine_way | auto = the better out of fold
 
 
 @dataclass
@@ -235,6 +238,7 @@ class DLConfig:
     HIDDEN: int | None = field(default_factory=lambda: env_int("DL_HIDDEN", None, minimum=4))          # GRU units per direction; None: by device
     DROPOUT: float = field(default_factory=lambda: env_float("DL_DROPOUT", 0.3, minimum=0.0))
     EPOCHS: int | None = field(default_factory=lambda: env_int("DL_EPOCHS", None, minimum=1))          # None: by device
+    SEEDS: int | None = field(default_factory=lambda: env_int("DL_SEEDS", None, minimum=1))            # models per fold (and refit), averaged; None: by device
     LEARNING_RATE: float = field(default_factory=lambda: env_float("DL_LR", 2e-3, minimum=1e-8))
     ES_PATIENCE: int = field(default_factory=lambda: env_int("TORCH_ES_PATIENCE", 6, minimum=1))      # notes 2-2; DEEP_SELECTION=inner only
     ES_MIN_DELTA: float = field(default_factory=lambda: env_float("TORCH_ES_MIN_DELTA", 1e-4, minimum=0.0))
@@ -254,6 +258,7 @@ class KerasConfig:
     CONV_WIDTH: int | None = field(default_factory=lambda: env_int("KERAS_CONV_WIDTH", None, minimum=4))  # first conv block's channels, later ones 2x; None: by device
     HIDDEN: int | None = field(default_factory=lambda: env_int("KERAS_HIDDEN", None, minimum=4))      # GRU units per direction; None: by device
     EPOCHS: int | None = field(default_factory=lambda: env_int("KERAS_EPOCHS", None, minimum=1))      # None: by device
+    SEEDS: int | None = field(default_factory=lambda: env_int("KERAS_SEEDS", None, minimum=1))        # models per fold (and refit), averaged; None: by device
     LEARNING_RATE: float = field(default_factory=lambda: env_float("KERAS_LR", 2e-3, minimum=1e-8))
 
     def __post_init__(self) -> None:
@@ -1691,6 +1696,7 @@ class FamilyResult:
     overall: Score | None = None
     epoch_log: list[dict[str, Any]] = field(default_factory=list)   # deep models: one row per fold and epoch
     oof_chosen: Score | None = None    # deep models: the score if each fold's epoch were chosen on its own out-of-fold rows
+    refit_paths: list[str] = field(default_factory=list)            # FULL_FIT: models trained on all training data
 
 
 def log_table_row(values: Sequence[Any], widths: Sequence[int]) -> str:
@@ -1698,14 +1704,15 @@ def log_table_row(values: Sequence[Any], widths: Sequence[int]) -> str:
 
 
 def train_lgbm(features: pl.DataFrame, sequences: pl.DataFrame, folds: np.ndarray, variant: str,
-               lgbm_cfg: LGBMConfig, seed: int, model_dir: Path) -> FamilyResult:
+               lgbm_cfg: LGBMConfig, seed: int, model_dir: Path, full_fit: bool = False) -> FamilyResult:
     """Cross-validate one LightGBM variant; save one booster per fold; return out-of-fold probabilities.
 
     The full variant trains on every sequence (LightGBM takes the few null thm/tof as missing) and is
     scored on sequences that have thm/tof, the ones it will answer; the IMU variant is scored on all.
     Honest selection: the number of boosting rounds is chosen by early stopping on held-back training
     subjects (inner_watch_split), never on the fold whose predictions become out-of-fold rows; the fold's
-    booster is then refit on all its training rows for that many rounds.
+    booster is then refit on all its training rows for that many rounds. With ``full_fit`` one more booster
+    is trained on every sequence for the folds' mean number of rounds (models/lgbm_<variant>_full.txt).
     """
     import lightgbm as lgb
     started = time.perf_counter()
@@ -1752,8 +1759,18 @@ def train_lgbm(features: pl.DataFrame, sequences: pl.DataFrame, folds: np.ndarra
     oof[~eval_mask] = np.nan
     LOG.info(log_table_row(("oof", len(y), int(eval_mask.sum()), "", overall.binary_f1, overall.macro_f1,
                             overall.score, f"{time.perf_counter() - started:.1f}", ""), widths))
+    refit_paths = []
+    if full_fit:
+        refit_start = time.perf_counter()
+        rounds = max(1, round(float(np.mean([m["best_iteration"] for m in fold_metrics]))))
+        booster = lgb.train(params, lgb.Dataset(x, y, free_raw_data=True), num_boost_round=rounds)
+        relative = f"models/lgbm_{variant}_full.txt"
+        _atomic_write(model_dir / relative, lambda tmp, b=booster: b.save_model(str(tmp)))
+        refit_paths.append(relative)
+        LOG.info("LightGBM %-4s | full-data refit: %d sequences, %d rounds (the folds' mean), %.1f s", variant, len(y),
+                 rounds, time.perf_counter() - refit_start)
     return FamilyResult("lgbm", variant, paths, columns, oof, eval_mask, fold_metrics,
-                        time.perf_counter() - started, overall)
+                        time.perf_counter() - started, overall, refit_paths=refit_paths)
 
 
 # ╔══════════════════════════════════════════════════════════════════════════════════════════════╗
@@ -1784,15 +1801,17 @@ class DeviceDefaults:
     models 0.10 below LightGBM out of fold). A network a quarter as wide (conv 32/64/64, GRU 64) trains 20
     epochs in about the same time and scores higher on both routes (README, "Deep models on the CPU");
     batch 64 gives ~20 optimizer steps per epoch where 512 gives 2 (the README measured 512 at -0.034 against
-    64 on 20 subjects)."""
+    64 on 20 subjects). Seeds: several models per fold, averaged (top solutions averaged many seeds), cost
+    their multiple in time, so one on the CPU (the default run keeps its time budget) and three with a GPU."""
     EPOCHS: int
     BATCH_SIZE: int
     CONV_WIDTH: int
     HIDDEN: int
+    SEEDS: int
 
 
-DEVICE_DEFAULTS = {"gpu": DeviceDefaults(EPOCHS=40, BATCH_SIZE=512, CONV_WIDTH=128, HIDDEN=128),
-                   "cpu": DeviceDefaults(EPOCHS=20, BATCH_SIZE=64, CONV_WIDTH=32, HIDDEN=64)}
+DEVICE_DEFAULTS = {"gpu": DeviceDefaults(EPOCHS=40, BATCH_SIZE=512, CONV_WIDTH=128, HIDDEN=128, SEEDS=3),
+                   "cpu": DeviceDefaults(EPOCHS=20, BATCH_SIZE=64, CONV_WIDTH=32, HIDDEN=64, SEEDS=1)}
 
 
 def resolve_device_defaults(cfg: Any, gpu: bool, prefix: str) -> Any:
@@ -1893,15 +1912,16 @@ def _time_series_net_class():
     return TimeSeriesNet
 
 
-def stack_fold_nets(nets: Sequence[Any]):
+def stack_fold_nets(nets: Sequence[Any], weights: Sequence[float] | None = None):
     """K trained TimeSeriesNets of one architecture as ONE network for inference (eval mode only).
 
     predict() answers one sequence at a time, and at batch size one a net's ~40 small ops cost more in
     per-op overhead than in arithmetic (~4 ms per net on 2 CPU cores). Stacked, each conv becomes one
     grouped conv (groups=K), each BatchNorm one BatchNorm over K x channels, attention and head batched
     einsums; only the K GRUs still run one after another. Five folds: 12.7 ms instead of 19.4 (measured).
-    The result is the mean of the K nets' softmax outputs, equal to the loop's to float precision."""
-    return _fold_stack_class()(list(nets))
+    The result is the ``weights``-weighted mean (default: the mean) of the K nets' softmax outputs, equal to the
+    loop's to float precision."""
+    return _fold_stack_class()(list(nets), weights)
 
 
 @functools.cache
@@ -1914,10 +1934,12 @@ def _fold_stack_class():
         return torch.cat([t.detach() for t in tensors], dim=dim)
 
     class FoldStackNet(nn.Module):
-        def __init__(self, nets: list[nn.Module]) -> None:
+        def __init__(self, nets: list[nn.Module], weights: Sequence[float] | None) -> None:
             super().__init__()
             first = nets[0]
             self.k = len(nets)
+            shares = torch.ones(self.k) if weights is None else torch.as_tensor(weights, dtype=torch.float32)
+            self.register_buffer("shares", shares / shares.sum())
             layers: list[nn.Module] = []
             for i, module in enumerate(first.conv):
                 parts = [net.conv[i] for net in nets]
@@ -1968,7 +1990,7 @@ def _fold_stack_class():
             z = torch.cat([attended, mean], dim=-1)                                           # (B, K, 4H)
             z = F.gelu(torch.einsum("bki,koi->bko", z, self.w1) + self.b1)
             out = torch.einsum("bki,koi->bko", z, self.w2) + self.b2                          # (B, K, classes)
-            return torch.softmax(out.float(), dim=-1).mean(dim=1)
+            return torch.einsum("bkc,k->bc", torch.softmax(out.float(), dim=-1), self.shares)
 
     return FoldStackNet
 
@@ -2089,15 +2111,15 @@ class EpochKeeper:
         self.oof_chosen: dict[str, Any] = {"score": None}
         self.history: list[dict[str, Any]] = []
 
-    def end_epoch(self, loss: float, probs: np.ndarray, predict: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    def end_epoch(self, loss: float, probs: np.ndarray | None, predict: Callable[[np.ndarray, np.ndarray], np.ndarray],
                   lr: float, seconds: float, snapshot: Callable[[], Any]) -> bool:
-        """Record one epoch (its mean loss, its out-of-fold ``probs``; ``predict(x, mask)`` scores the watch
-        set); True when EarlyStopper says stop."""
+        """Record one epoch (its mean loss, its out-of-fold ``probs``, None for the full-data refit, which has
+        no such rows; ``predict(x, mask)`` scores the watch set); True when EarlyStopper says stop."""
         epoch = len(self.history) + 1
         if not math.isfinite(loss):
             raise FloatingPointError(f"{self.label}: the training loss is {loss} at epoch {epoch}")
-        score = score_probabilities(self.y_valid[self.score_mask], probs[self.score_mask])
-        if self.oof_chosen["score"] is None or score.score > self.oof_chosen["score"].score:
+        score = None if probs is None else score_probabilities(self.y_valid[self.score_mask], probs[self.score_mask])
+        if score is not None and (self.oof_chosen["score"] is None or score.score > self.oof_chosen["score"].score):
             self.oof_chosen = {"score": score, "epoch": epoch, "probs": probs}
         watched, stop = None, False
         if self.watch is not None:
@@ -2107,10 +2129,11 @@ class EpochKeeper:
         if self.watch is None or self.stopper.best_epoch == self.stopper.epoch:   # every epoch, or the watch set's best
             self.kept = {"score": score, "epoch": epoch, "probs": probs, "watch_score": watched,
                          "state": None if self.watch is None else snapshot()}
-        row = {"epoch": epoch, "loss": loss, "binary_f1": score.binary_f1, "macro_f1": score.macro_f1,
-               "score": score.score, "watch_score": watched, "lr": lr, "seconds": round(seconds, 3)}
+        metrics = (None, None, None) if score is None else (score.binary_f1, score.macro_f1, score.score)
+        row = {"epoch": epoch, "loss": loss, "binary_f1": metrics[0], "macro_f1": metrics[1], "score": metrics[2],
+               "watch_score": watched, "lr": lr, "seconds": round(seconds, 3)}
         self.history.append(row)
-        LOG.info(log_table_row((self.label, epoch, loss, score.binary_f1, score.macro_f1, score.score,
+        LOG.info(log_table_row((self.label, epoch, loss, *("-" if m is None else m for m in metrics),
                                 "-" if watched is None else watched, f"{lr:.2e}", f"{seconds:.1f}"), EPOCH_LOG_WIDTHS))
         if stop:
             LOG.info("%s: early stopping at epoch %d (best watch score %.4f at epoch %d)", self.label, epoch,
@@ -2172,7 +2195,7 @@ def train_torch_fold(data: DeepFoldData, x_valid: np.ndarray, m_valid: np.ndarra
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
-        probs = predict_torch_probs(model, x_valid, m_valid, runtime)
+        probs = predict_torch_probs(model, x_valid, m_valid, runtime) if len(x_valid) else None
         if keeper.end_epoch(float(np.mean(losses)) if losses else float("nan"), probs,
                             lambda x, mask: predict_torch_probs(model, x, mask, runtime), scheduler.get_last_lr()[0],
                             time.perf_counter() - started, lambda: _state_copy(model)):
@@ -2225,53 +2248,128 @@ def torch_pad_length(sequences_lengths: np.ndarray, dl_cfg: DLConfig) -> int:
 
 def train_torch(inputs: DeepInputs, sequences: pl.DataFrame, folds: np.ndarray, variant: str, dl_cfg: DLConfig,
                 recipe: RecipeConfig, seed: int, model_dir: Path, runtime: TorchRuntime | None = None,
-                oom_hook: Callable[[int], None] | None = None, only_folds: Sequence[int] | None = None
-                ) -> FamilyResult:
-    """Cross-validate TimeSeriesNet for one variant; each fold indexes the run's padded arrays (DeepInputs);
-    one .pt per fold holds the kept weights and the input normalisation."""
+                oom_hook: Callable[[int], None] | None = None, only_folds: Sequence[int] | None = None,
+                full_fit: bool = False) -> FamilyResult:
+    """Cross-validate TimeSeriesNet for one variant (cross_validate_deep: DL_SEEDS models per fold, then the
+    full-data refit when on); one .pt per model holds the kept weights and the input normalisation."""
     import torch
     runtime = runtime or torch_runtime()
-    gpu = runtime.device.type == "cuda"
-    dl_cfg = resolve_device_defaults(dl_cfg, gpu, "DL")
+    dl_cfg = resolve_device_defaults(dl_cfg, runtime.device.type == "cuda", "DL")
+    channels = deep_channels(variant)
+    pad_len = torch_pad_length(inputs.lengths, dl_cfg)
+    LOG.info("Torch %-4s | %d channels, pad %d, %d pooling stages of width %d, GRU %d, batch %d, %d epochs, "
+             "%d seed(s), selection %s, full-data refit %s", variant, len(channels), pad_len, dl_cfg.POOLS,
+             dl_cfg.CONV_WIDTH, dl_cfg.HIDDEN, dl_cfg.BATCH_SIZE, dl_cfg.EPOCHS, dl_cfg.SEEDS, recipe.SELECTION,
+             "on" if full_fit else "off")
+    LOG.info(log_table_row(EPOCH_LOG_HEADER, EPOCH_LOG_WIDTHS))
+
+    def fit_model(job: DeepJob) -> dict[str, Any]:
+        result = train_torch_fold_with_fallback(job.data, job.x_valid, job.m_valid, job.y_valid, job.score_mask,
+                                                dl_cfg=dataclasses.replace(dl_cfg, EPOCHS=job.epochs),
+                                                runtime=runtime, seed=job.seed, label=job.label, watch=job.watch,
+                                                oom_hook=oom_hook)
+        relative = f"models/{job.name}.pt"
+        checkpoint = {"state_dict": result["state"], "mean": torch.from_numpy(job.data.mean),
+                      "std": torch.from_numpy(job.data.std), "pad_len": pad_len, "channels": channels,
+                      "in_features": len(channels), "pools": dl_cfg.POOLS, "hidden": dl_cfg.HIDDEN,
+                      "conv_width": dl_cfg.CONV_WIDTH, "dropout": dl_cfg.DROPOUT, "kept_epoch": result["epoch"],
+                      "selection": recipe.SELECTION, "classes": list(GESTURES)}
+        _atomic_write(model_dir / relative, lambda tmp: torch.save(checkpoint, tmp))
+        return result | {"path": relative}
+
+    return cross_validate_deep("torch", variant, inputs, sequences, folds, recipe, seed, pad_len, dl_cfg.SEEDS,
+                               dl_cfg.EPOCHS, full_fit, fit_model, only_folds)
+
+
+@dataclass
+class DeepJob:
+    """One deep model to train: a fold's training rows (or, for the full-data refit, every sequence) with its
+    seed, the out-of-fold rows it is scored on (none for the refit) and the file it is saved as."""
+    data: DeepFoldData
+    x_valid: np.ndarray
+    m_valid: np.ndarray
+    y_valid: np.ndarray
+    score_mask: np.ndarray
+    watch: WatchSet | None
+    seed: int
+    epochs: int
+    label: str                    # the log's name: "torch imu f0", "torch imu f0 s1", "torch imu all"
+    name: str                     # the file stem: torch_imu_fold0, torch_imu_fold0_seed1, torch_imu_full
+
+
+SEED_STRIDE = 1000                # model seed = run seed + fold + 1000 x seed index: no two models share one
+
+
+def deep_model_name(family: str, variant: str, part: str, seed_index: int) -> str:
+    """keras_full_fold3, keras_full_fold3_seed2, keras_full_full: seed 0 keeps the one-seed name."""
+    return f"{family}_{variant}_{part}" + (f"_seed{seed_index}" if seed_index else "")
+
+
+def cross_validate_deep(family: str, variant: str, inputs: DeepInputs, sequences: pl.DataFrame, folds: np.ndarray,
+                        recipe: RecipeConfig, seed: int, pad_len: int, seeds: int, epochs: int, full_fit: bool,
+                        fit_model: Callable[[DeepJob], dict[str, Any]], only_folds: Sequence[int] | None
+                        ) -> FamilyResult:
+    """The fold loop both deep families share. Per fold, ``seeds`` models (each its own initialisation,
+    dropout and augmentation draws) whose out-of-fold probabilities are averaged. Then, with ``full_fit``,
+    ``seeds`` models on every training sequence for the epoch count cross-validation chose: EPOCHS with fixed
+    selection, the folds' mean kept epoch with inner (1st place trained on all data for a fixed number of
+    epochs). ``fit_model(job)`` trains and saves one model and returns its result with the saved "path"."""
     started = time.perf_counter()
     inputs.require_order(sequences)
     y = sequences["label"].to_numpy()
     eval_mask = np.ones(len(y), bool) if variant == "imu" else sequences["has_thm_tof"].to_numpy()
     channels = deep_channels(variant)
-    pad_len = torch_pad_length(inputs.lengths, dl_cfg)
     oof = np.full((len(y), len(GESTURES)), np.nan)
     oof_chosen = np.full_like(oof, np.nan)
     fold_metrics, paths, epoch_log = [], [], []
-    LOG.info("Torch %-4s | %d channels, pad %d, %d pooling stages of width %d, GRU %d, batch %d, %d epochs, "
-             "selection %s", variant, len(channels), pad_len, dl_cfg.POOLS, dl_cfg.CONV_WIDTH, dl_cfg.HIDDEN,
-             dl_cfg.BATCH_SIZE, dl_cfg.EPOCHS, recipe.SELECTION)
-    LOG.info(log_table_row(EPOCH_LOG_HEADER, EPOCH_LOG_WIDTHS))
-    for fold in (range(int(folds.max()) + 1) if only_folds is None else only_folds):   # only_folds: for bench/
-        fold_start = time.perf_counter()
+    n_folds = int(folds.max()) + 1
+    for fold in (range(n_folds) if only_folds is None else only_folds):     # only_folds: for bench/
         train_idx, valid_idx, watch_idx = deep_fold_rows(sequences, folds, fold, recipe, seed)
-        label = f"torch {variant} f{fold}"
-        data = DeepFoldData(*inputs.take(variant, pad_len, train_idx), y[train_idx], channels, recipe, seed + fold)
+        x_tr, m_tr = inputs.take(variant, pad_len, train_idx)
         x_va, m_va = inputs.take(variant, pad_len, valid_idx)
-        result = train_torch_fold_with_fallback(data, x_va, m_va, y[valid_idx], eval_mask[valid_idx], dl_cfg=dl_cfg,
-                                                runtime=runtime, seed=seed + fold, label=label,
-                                                watch=watch_set(inputs, variant, pad_len, watch_idx, data, y, eval_mask),
-                                                oom_hook=oom_hook)
-        oof[valid_idx] = result["probs"]
-        oof_chosen[valid_idx] = result["oof_chosen"]["probs"]
-        epoch_log += [{"family": "torch", "variant": variant, "fold": fold} | row for row in result["history"]]
-        relative = f"models/torch_{variant}_fold{fold}.pt"
-        checkpoint = {"state_dict": result["state"], "mean": torch.from_numpy(data.mean),
-                      "std": torch.from_numpy(data.std), "pad_len": pad_len, "channels": channels,
-                      "in_features": len(channels), "pools": dl_cfg.POOLS, "hidden": dl_cfg.HIDDEN,
-                      "conv_width": dl_cfg.CONV_WIDTH, "dropout": dl_cfg.DROPOUT, "kept_epoch": result["epoch"],
-                      "selection": recipe.SELECTION, "classes": list(GESTURES)}
-        _atomic_write(model_dir / relative, lambda tmp, c=checkpoint: torch.save(c, tmp))
-        paths.append(relative)
-        seconds = time.perf_counter() - fold_start
-        fold_metrics.append(deep_fold_summary("torch", variant, fold, label, len(train_idx),
-                                              int(eval_mask[valid_idx].sum()), result, seconds))
-    return finish_deep_family("torch", variant, y, oof, oof_chosen, eval_mask, channels, paths, fold_metrics,
-                              epoch_log, started)
+        kept = []
+        for seed_index in range(seeds):
+            model_start = time.perf_counter()
+            data = DeepFoldData(x_tr, m_tr, y[train_idx], channels, recipe, seed + fold + SEED_STRIDE * seed_index)
+            label = f"{family} {variant} f{fold}" + (f" s{seed_index}" if seeds > 1 else "")
+            result = fit_model(DeepJob(data, x_va, m_va, y[valid_idx], eval_mask[valid_idx],
+                                       watch_set(inputs, variant, pad_len, watch_idx, data, y, eval_mask), data.seed,
+                                       epochs, label, deep_model_name(family, variant, f"fold{fold}", seed_index)))
+            kept.append(result)
+            paths.append(result["path"])
+            epoch_log += [{"family": family, "variant": variant, "fold": fold, "seed": seed_index} | row
+                          for row in result["history"]]
+            fold_metrics.append(deep_fold_summary(family, variant, fold, label, len(train_idx),
+                                                  int(eval_mask[valid_idx].sum()), result,
+                                                  time.perf_counter() - model_start) | {"seed": seed_index})
+        oof[valid_idx] = np.mean([r["probs"] for r in kept], axis=0)
+        oof_chosen[valid_idx] = np.mean([r["oof_chosen"]["probs"] for r in kept], axis=0)
+        if seeds > 1:
+            scored = valid_idx[eval_mask[valid_idx]]
+            LOG.info("%s %s f%d: %d seeds averaged, score %.4f (single seeds %s)", family, variant, fold, seeds,
+                     score_probabilities(y[scored], oof[scored]).score,
+                     ", ".join(f"{r['score'].score:.4f}" for r in kept))
+    refit_paths = []
+    if full_fit:
+        refit_epochs = epochs if recipe.SELECTION == "fixed" else max(1, round(float(np.mean(
+            [m["best_iteration"] for m in fold_metrics]))))
+        everyone, nobody = np.arange(len(y)), np.zeros(0, dtype=np.int64)
+        x_all, m_all = inputs.take(variant, pad_len, everyone)
+        x_none, m_none = inputs.take(variant, pad_len, nobody)
+        for seed_index in range(seeds):
+            model_start = time.perf_counter()
+            data = DeepFoldData(x_all, m_all, y, channels, recipe, seed + n_folds + SEED_STRIDE * seed_index)
+            label = f"{family} {variant} all" + (f" s{seed_index}" if seeds > 1 else "")
+            result = fit_model(DeepJob(data, x_none, m_none, y[nobody], eval_mask[nobody], None, data.seed,
+                                       refit_epochs, label, deep_model_name(family, variant, "full", seed_index)))
+            refit_paths.append(result["path"])
+            epoch_log += [{"family": family, "variant": variant, "fold": -1, "seed": seed_index} | row
+                          for row in result["history"]]
+            LOG.info("%s: full-data refit on all %d sequences, %d epochs (%s), %.1f s", label, len(y), refit_epochs,
+                     "fixed" if recipe.SELECTION == "fixed" else "the folds' mean kept epoch",
+                     time.perf_counter() - model_start)
+    return finish_deep_family(family, variant, y, oof, oof_chosen, eval_mask, channels, paths, fold_metrics,
+                              epoch_log, started, refit_paths)
 
 
 def deep_fold_rows(sequences: pl.DataFrame, folds: np.ndarray, fold: int, recipe: RecipeConfig, seed: int
@@ -2314,8 +2412,8 @@ def deep_fold_summary(family: str, variant: str, fold: int, label: str, n_train:
 
 def finish_deep_family(family: str, variant: str, y: np.ndarray, oof: np.ndarray, oof_chosen: np.ndarray,
                        eval_mask: np.ndarray, channels: list[str], paths: list[str],
-                       fold_metrics: list[dict[str, Any]], epoch_log: list[dict[str, Any]], started: float
-                       ) -> FamilyResult:
+                       fold_metrics: list[dict[str, Any]], epoch_log: list[dict[str, Any]], started: float,
+                       refit_paths: list[str]) -> FamilyResult:
     """Score a deep family's out-of-fold probabilities (folds not run, see only_folds, are not scored), log
     the line beside the score the out-of-fold-chosen epochs would have claimed, return the FamilyResult."""
     eval_mask &= np.isfinite(oof).all(axis=1)
@@ -2328,7 +2426,7 @@ def finish_deep_family(family: str, variant: str, y: np.ndarray, oof: np.ndarray
              family.capitalize(), variant, overall.score, overall.binary_f1, overall.macro_f1, int(eval_mask.sum()),
              seconds, optimistic.score)
     return FamilyResult(family, variant, paths, list(channels), oof, eval_mask, fold_metrics, seconds, overall,
-                        epoch_log, optimistic)
+                        epoch_log, optimistic, refit_paths)
 
 
 # ╔══════════════════════════════════════════════════════════════════════════════════════════════╗
@@ -2688,8 +2786,8 @@ class KerasFoldTrainer:
                 losses.append(float(self.model.train_on_batch([x_ep[part], m_ep[part]], t_ep[part])))
                 step += 1
             lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
-            if keeper.end_epoch(float(np.mean(losses)) if losses else float("nan"), self.probabilities(x_valid, m_valid),
-                                self.probabilities, lr, time.perf_counter() - started, self.model.get_weights):
+            probs = self.probabilities(x_valid, m_valid) if len(x_valid) else None
+            if keeper.end_epoch(float(np.mean(losses)) if losses else float("nan"), probs, self.probabilities, lr, time.perf_counter() - started, self.model.get_weights):
                 break
         result = keeper.result(epochs, self.model.get_weights)
         fold_network.set_weights(result.pop("state"))
@@ -2699,55 +2797,37 @@ class KerasFoldTrainer:
 
 def train_keras(inputs: DeepInputs, sequences: pl.DataFrame, folds: np.ndarray, variant: str,
                 keras_cfg: KerasConfig, speed: KerasSpeedConfig, recipe: RecipeConfig, seed: int, model_dir: Path,
-                only_folds: Sequence[int] | None = None) -> FamilyResult:
-    """Cross-validate the Keras model for one variant; one .keras file per fold (never .pt: the two deep
-    families' artifacts stay apart), the same result shape as train_lgbm / train_torch."""
+                only_folds: Sequence[int] | None = None, full_fit: bool = False) -> FamilyResult:
+    """Cross-validate the Keras model for one variant (cross_validate_deep, as Torch); one .keras file per model
+    (never .pt: the two deep families' artifacts stay apart), the same result shape as train_lgbm / train_torch."""
     runtime = keras_runtime(speed)
     keras_cfg = resolve_device_defaults(keras_cfg, runtime.gpu, "KERAS")
-    epochs = keras_cfg.EPOCHS
-    started = time.perf_counter()
-    inputs.require_order(sequences)
-    y = sequences["label"].to_numpy()
-    eval_mask = np.ones(len(y), bool) if variant == "imu" else sequences["has_thm_tof"].to_numpy()
     channels = deep_channels(variant)
     pad_len = keras_cfg.FIXED_PAD_LEN
-    oof = np.full((len(y), len(GESTURES)), np.nan)
-    oof_chosen = np.full_like(oof, np.nan)
-    fold_metrics, paths, epoch_log = [], [], []
     LOG.info("Keras %-4s | %s | %d channels, pad %d, %d conv blocks of width %d, GRU %d, batch %d, %d epochs, "
-             "selection %s", variant, runtime.describe(), len(channels), pad_len, keras_cfg.CONV_BLOCKS,
-             keras_cfg.CONV_WIDTH, keras_cfg.HIDDEN, keras_cfg.BATCH_SIZE, epochs, recipe.SELECTION)
+             "%d seed(s), selection %s, full-data refit %s", variant, runtime.describe(), len(channels), pad_len,
+             keras_cfg.CONV_BLOCKS, keras_cfg.CONV_WIDTH, keras_cfg.HIDDEN, keras_cfg.BATCH_SIZE, keras_cfg.EPOCHS,
+             keras_cfg.SEEDS, recipe.SELECTION, "on" if full_fit else "off")
     LOG.info(log_table_row(EPOCH_LOG_HEADER, EPOCH_LOG_WIDTHS))
     models_dir = model_dir / "models"
     models_dir.mkdir(parents=True, exist_ok=True)
     with keras_precision(runtime.mixed_precision):
         trainer = KerasFoldTrainer(len(channels), pad_len, keras_cfg, runtime, name=f"keras_{variant}")
-        for fold in (range(int(folds.max()) + 1) if only_folds is None else only_folds):
-            fold_start = time.perf_counter()
-            train_idx, valid_idx, watch_idx = deep_fold_rows(sequences, folds, fold, recipe, seed)
-            label = f"keras {variant} f{fold}"
-            data = DeepFoldData(*inputs.take(variant, pad_len, train_idx), y[train_idx], channels, recipe, seed + fold)
-            x_va, m_va = inputs.take(variant, pad_len, valid_idx)
-            name = f"keras_{variant}_fold{fold}"
+
+        def fit_model(job: DeepJob) -> dict[str, Any]:
             # save() writes in place: into a private folder beside the final file, which is moved into place
-            # (atomically) only when the fold is done.
-            scratch = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=models_dir))
+            # (atomically) only when the model is done.
+            scratch = Path(tempfile.mkdtemp(prefix=f".{job.name}.", dir=models_dir))
             try:
-                result = trainer.fit_fold(data, x_va, m_va, y[valid_idx], eval_mask[valid_idx], epochs, seed + fold,
-                                          label, name, scratch / f"{name}.keras",
-                                          watch_set(inputs, variant, pad_len, watch_idx, data, y, eval_mask))
-                os.replace(scratch / f"{name}.keras", models_dir / f"{name}.keras")
+                result = trainer.fit_fold(job.data, job.x_valid, job.m_valid, job.y_valid, job.score_mask, job.epochs,
+                                          job.seed, job.label, job.name, scratch / f"{job.name}.keras", job.watch)
+                os.replace(scratch / f"{job.name}.keras", models_dir / f"{job.name}.keras")
             finally:
                 shutil.rmtree(scratch, ignore_errors=True)
-            oof[valid_idx] = result["probs"]
-            oof_chosen[valid_idx] = result["oof_chosen"]["probs"]
-            epoch_log += [{"family": "keras", "variant": variant, "fold": fold} | row for row in result["history"]]
-            paths.append(f"models/{name}.keras")
-            seconds = time.perf_counter() - fold_start
-            fold_metrics.append(deep_fold_summary("keras", variant, fold, label, len(train_idx),
-                                                  int(eval_mask[valid_idx].sum()), result, seconds))
-    return finish_deep_family("keras", variant, y, oof, oof_chosen, eval_mask, channels, paths, fold_metrics,
-                              epoch_log, started)
+            return result | {"path": f"models/{job.name}.keras"}
+
+        return cross_validate_deep("keras", variant, inputs, sequences, folds, recipe, seed, pad_len, keras_cfg.SEEDS,
+                                   keras_cfg.EPOCHS, full_fit, fit_model, only_folds)
 
 
 # ╔══════════════════════════════════════════════════════════════════════════════════════════════╗
@@ -2778,33 +2858,57 @@ def blend(probs: np.ndarray, weights: np.ndarray) -> np.ndarray:
     return np.tensordot(np.asarray(weights, dtype=np.float64) / np.sum(weights), probs, axes=1)
 
 
-def optimize_ensemble_weights(oof_probs: np.ndarray, y: np.ndarray, trials: int = 1024, seed: int = 0
-                              ) -> tuple[np.ndarray, float]:
-    """Weights for K families maximising the competition score of argmax(sum_k w_k p_k) on out-of-fold
-    probabilities (K, N, C). Candidates: equal weights, each family alone, then ``trials`` draws from a flat
-    Dirichlet; the first best wins, so equal weights are kept unless something beats them. Deterministic
-    given the seed. Returns (weights summing to 1, score)."""
+def bucket_probabilities(probs: np.ndarray, decoding: str) -> np.ndarray:
+    """(N, 18) gesture probabilities -> (N, 9): the 8 targets, then the non-target bucket, valued as the
+    decoding values it: the summed non-target probability (nine_way) or the best single one (argmax)."""
+    non_target = probs[:, N_TARGETS:]
+    pooled = non_target.sum(axis=1) if decoding == "nine_way" else non_target.max(axis=1)
+    return np.column_stack([probs[:, :N_TARGETS], pooled])
+
+
+def decide_gestures(probs: np.ndarray, decoding: str, open_buckets: np.ndarray | None = None) -> np.ndarray:
+    """The gesture index answered for each row of (N, 18) probabilities.
+
+    The metric scores target vs non-target and which target, with the ten non-target gestures one class.
+    argmax: the most likely of the 18 gestures. nine_way: the 8 target probabilities and the summed
+    non-target probability decide, so ten non-targets at 0.08 each (0.8 together) beat a target at 0.2.
+    Either way a non-target answer is the most likely non-target gesture. ``open_buckets`` (9 booleans)
+    restricts the choice (the per-subject assignment)."""
+    buckets = bucket_probabilities(np.atleast_2d(probs), decoding)
+    if open_buckets is not None:
+        buckets = np.where(open_buckets, buckets, -np.inf)
+    choice = buckets.argmax(axis=1)
+    return np.where(choice < N_TARGETS, choice, N_TARGETS + np.atleast_2d(probs)[:, N_TARGETS:].argmax(axis=1))
+
+
+def optimize_ensemble_weights(oof_probs: np.ndarray, y: np.ndarray, trials: int = 1024, seed: int = 0,
+                              decoding: str = "argmax") -> tuple[np.ndarray, float]:
+    """Weights for K families maximising the competition score of the decoded blend sum_k w_k p_k on
+    out-of-fold probabilities (K, N, C). Candidates: equal weights, each family alone, then ``trials`` draws
+    from a flat Dirichlet; the first best wins, so equal weights are kept unless something beats them.
+    Deterministic given the seed. Returns (weights summing to 1, score)."""
     k = oof_probs.shape[0]
     rng = np.random.default_rng(seed)
     candidates = np.vstack([np.full((1, k), 1.0 / k), np.eye(k), rng.dirichlet(np.ones(k), size=trials)])
     best_weights, best_score = candidates[0], -1.0
     for weights in candidates:
-        score = fast_competition_score(y, blend(oof_probs, weights).argmax(axis=1))
+        score = fast_competition_score(y, decide_gestures(blend(oof_probs, weights), decoding))
         if score > best_score + 1e-12:
             best_weights, best_score = weights, score
     return best_weights / best_weights.sum(), best_score
 
 
-def nested_ensemble_predictions(oof_probs: np.ndarray, y: np.ndarray, folds: np.ndarray, trials: int, seed: int
-                                ) -> np.ndarray:
+def nested_ensemble_predictions(oof_probs: np.ndarray, y: np.ndarray, folds: np.ndarray, trials: int, seed: int,
+                                decoding: str = "argmax") -> np.ndarray:
     """An honest estimate of what the weight search buys: for each fold, weights searched on the other
-    folds' out-of-fold probabilities, applied to this fold; returns those held-out predictions."""
-    predicted = np.empty(len(y), dtype=np.int64)
+    folds' out-of-fold probabilities, applied to this fold; returns those held-out probabilities (N, C)."""
+    blended = np.empty(oof_probs.shape[1:])
     for fold in np.unique(folds):
         held_out = folds == fold
-        weights, _ = optimize_ensemble_weights(oof_probs[:, ~held_out], y[~held_out], trials, seed + int(fold))
-        predicted[held_out] = blend(oof_probs[:, held_out], weights).argmax(axis=1)
-    return predicted
+        weights, _ = optimize_ensemble_weights(oof_probs[:, ~held_out], y[~held_out], trials, seed + int(fold),
+                                               decoding)
+        blended[held_out] = blend(oof_probs[:, held_out], weights)
+    return blended
 
 
 @dataclass
@@ -2820,12 +2924,16 @@ class RouteEnsemble:
     used: str                         # "searched" or "equal"
     honest: Score | None = None       # the used method's held-out score, with BinF1 / MacroF1
     n_scored: int = 0
+    decoding: str = "argmax"          # the decision the weights were searched for (decide_gestures)
 
 
 def build_route_ensemble(route: str, results: list[FamilyResult], y: np.ndarray, folds: np.ndarray,
-                         trials: int, seed: int) -> RouteEnsemble | None:
-    """Search the weights of one route's families. Overfitting guard: the searched weights are used only
-    when the nested (fold-held-out) score beats equal weights; otherwise the families are averaged."""
+                         trials: int, seed: int, decoding: str = "argmax"
+                         ) -> tuple[RouteEnsemble, np.ndarray] | None:
+    """Search the weights of one route's families for ``decoding``. Overfitting guard: the searched weights
+    are used only when the nested (fold-held-out) score beats equal weights; otherwise the families are
+    averaged. Returns the ensemble and its honest out-of-fold blend (N, C; NaN where not scored): the
+    nested blend when the searched weights are used, else the equal one."""
     members = [r for r in results if r.variant == route]
     if not members:
         return None
@@ -2834,24 +2942,61 @@ def build_route_ensemble(route: str, results: list[FamilyResult], y: np.ndarray,
         mask &= r.eval_mask
     probs = np.stack([r.oof_probs[mask] for r in members])
     labels, fold_ids = y[mask], folds[mask]
-    family_scores = {r.family: fast_competition_score(labels, p.argmax(axis=1)) for r, p in zip(members, probs)}
-    equal_predicted = probs.mean(axis=0).argmax(axis=1)
-    equal = fast_competition_score(labels, equal_predicted)
-    weights, searched = optimize_ensemble_weights(probs, labels, trials, seed)
-    nested_predicted = (nested_ensemble_predictions(probs, labels, fold_ids, trials, seed) if len(members) > 1
-                        else equal_predicted)
-    nested = fast_competition_score(labels, nested_predicted)
+    family_scores = {r.family: fast_competition_score(labels, decide_gestures(p, decoding))
+                     for r, p in zip(members, probs)}
+    equal_blend = probs.mean(axis=0)
+    equal = fast_competition_score(labels, decide_gestures(equal_blend, decoding))
+    weights, searched = optimize_ensemble_weights(probs, labels, trials, seed, decoding)
+    nested_blend = (nested_ensemble_predictions(probs, labels, fold_ids, trials, seed, decoding) if len(members) > 1
+                    else equal_blend)
+    nested = fast_competition_score(labels, decide_gestures(nested_blend, decoding))
     used = "searched" if nested > equal else "equal"
     if used == "equal":
         weights = np.full(len(members), 1.0 / len(members))
-    honest = competition_score([GESTURES[i] for i in labels], [GESTURES[i] for i in (
-        nested_predicted if used == "searched" else equal_predicted)])
+    honest_blend = np.full((len(y), len(GESTURES)), np.nan)
+    honest_blend[mask] = nested_blend if used == "searched" else equal_blend
+    honest = competition_score([GESTURES[i] for i in labels],
+                               [GESTURES[i] for i in decide_gestures(honest_blend[mask], decoding)])
     ensemble = RouteEnsemble(route, [r.family for r in members], [round(float(w), 6) for w in weights],
-                             family_scores, equal, searched, nested, used, honest, int(mask.sum()))
-    LOG.info("Ensemble %-4s | families %s | equal weights %.4f | searched %.4f (in-sample) | nested %.4f | "
-             "using %s weights %s", route, {f: round(s, 4) for f, s in family_scores.items()}, equal, searched,
-             nested, used, dict(zip(ensemble.families, ensemble.weights)))
-    return ensemble
+                             family_scores, equal, searched, nested, used, honest, int(mask.sum()), decoding)
+    LOG.info("Ensemble %-4s | %-8s | families %s | equal weights %.4f | searched %.4f (in-sample) | nested %.4f | "
+             "using %s weights %s", route, decoding, {f: round(v, 4) for f, v in family_scores.items()}, equal,
+             searched, nested, used, dict(zip(ensemble.families, ensemble.weights)))
+    return ensemble, honest_blend
+
+
+def test_like_mix(sequences: pl.DataFrame, routes: Iterable[str], seed: int) -> np.ndarray:
+    """Which sequences the full-sensor route answers in a test-like replay: half of those with thm/tof (the
+    hidden test is half IMU-only, DATA.md), none when there is no full route."""
+    rng = np.random.default_rng(seed)
+    return sequences["has_thm_tof"].to_numpy() & ("full" in routes) & (rng.random(sequences.height) < 0.5)
+
+
+def mix_routes(route_probs: dict[str, np.ndarray], use_full: np.ndarray) -> np.ndarray:
+    """(N, C): the full route's probabilities where ``use_full``, the IMU route's elsewhere (or the only route)."""
+    fallback = route_probs.get("imu", route_probs.get("full"))
+    return np.where(use_full[:, None], route_probs["full"], fallback) if "full" in route_probs else fallback
+
+
+def build_ensembles(results: list[FamilyResult], sequences: pl.DataFrame, folds: np.ndarray, cfg: EnsembleConfig,
+                    seed: int) -> tuple[dict[str, RouteEnsemble], str, dict[str, float]]:
+    """Every route's ensemble under the decoding kept: ENSEMBLE_DECODING, or (auto) the decoding whose honest
+    blends score higher on the test-like mix out of fold (a tie keeps argmax). Returns the ensembles, the
+    decoding, and each candidate decoding's honest mixed score."""
+    y = sequences["label"].to_numpy()
+    candidates = DECODINGS if cfg.DECODING == "auto" else (cfg.DECODING,)
+    built, scores = {}, {}
+    for decoding in candidates:
+        built[decoding] = {route: b for route in VARIANTS
+                           if (b := build_route_ensemble(route, results, y, folds, cfg.TRIALS, seed, decoding))}
+        mixed = mix_routes({route: blend_ for route, (_, blend_) in built[decoding].items()},
+                           test_like_mix(sequences, built[decoding], seed))
+        scored = np.isfinite(mixed).all(axis=1)
+        scores[decoding] = round(fast_competition_score(y[scored], decide_gestures(mixed[scored], decoding)), 4)
+    decoding = max(candidates, key=lambda d: scores[d])     # max keeps the first of equals: argmax
+    LOG.info("Decoding: %s (%s); honest out-of-fold score on the test-like mix %s", decoding,
+             "ENSEMBLE_DECODING" if cfg.DECODING != "auto" else "auto: the better out of fold", scores)
+    return {route: ensemble for route, (ensemble, _) in built[decoding].items()}, decoding, scores
 
 
 def ensemble_oof_probs(route_ensembles: dict[str, RouteEnsemble], results: list[FamilyResult]
@@ -2874,36 +3019,64 @@ def subject_quota(sequences: pl.DataFrame) -> dict[str, int]:
     return {g: int(most.get(g, 1)) for g in GESTURES}
 
 
-def assign_within_subject(history: np.ndarray, quota: np.ndarray) -> int:
-    """The gesture of the LAST row of ``history`` (n x C probabilities of one subject's sequences so far)
-    under a joint assignment of all n rows in which gesture c takes at most quota[c] rows, maximising the
-    sum of log-probabilities (linear_sum_assignment over quota-many slots per gesture). With few rows no
-    quota binds and the answer is the plain argmax."""
+def pooled_capacity(quota: dict[str, int]) -> np.ndarray:
+    """The per-subject assignment's 9 capacities: each target gesture's quota, then one pooled non-target
+    bucket holding the sum of the non-target quotas. The metric does not tell non-targets apart, so a full
+    "Glasses on/off" quota must not push a non-target answer onto a target (a false positive)."""
+    return np.array([quota.get(g, 1) for g in TARGET_GESTURES] + [sum(quota.get(g, 1) for g in NON_TARGET_GESTURES)])
+
+
+def assign_within_subject(history: np.ndarray, capacity: np.ndarray, decoding: str) -> int:
+    """The gesture answered for the LAST row of ``history`` (n x 18 probabilities of one subject's sequences
+    so far, in arrival order).
+
+    The subject performs each target at most capacity[t] times and non-targets at most capacity[8] times in
+    all. The most likely labelling of all n rows under those capacities (the sum of log bucket probabilities,
+    bucket_probabilities; linear_sum_assignment over capacity-many slots per bucket) gives the last row its
+    bucket; a non-target bucket answers the row's most likely non-target gesture. Earlier rows enter only as
+    evidence of what the subject has left: their answers were given and never change. Pinning them to their
+    answers instead would let an early mistake use up a target's slots and push later correct answers away
+    (replayed out of fold: -0.03, README). With few rows no capacity binds and the answer is decide_gestures'."""
     from scipy.optimize import linear_sum_assignment
-    n = history.shape[0]
+    buckets = bucket_probabilities(history, decoding)
+    n = buckets.shape[0]
     if n <= 1:
-        return int(history[-1].argmax())
-    slots = np.repeat(np.arange(history.shape[1]), np.maximum(quota, 1))
-    if len(slots) < n:                                     # more sequences than the quotas allow: relax evenly
-        slots = np.concatenate([slots, np.tile(np.arange(history.shape[1]), -(-(n - len(slots)) // history.shape[1]))])
-    cost = -np.log(np.clip(history, 1e-9, 1.0))[:, slots]
-    rows, cols = linear_sum_assignment(cost)
-    return int(slots[cols[rows == n - 1][0]])
+        return int(decide_gestures(history[-1:], decoding)[0])
+    slots = np.repeat(np.arange(N_TARGETS + 1), np.maximum(capacity, 1))
+    if len(slots) < n:                                     # more sequences than the capacities allow: relax evenly
+        slots = np.concatenate([slots, np.tile(np.arange(N_TARGETS + 1), -(-(n - len(slots)) // (N_TARGETS + 1)))])
+    rows, cols = linear_sum_assignment(-np.log(np.clip(buckets, 1e-9, None))[:, slots])
+    bucket = int(slots[cols[rows == n - 1][0]])
+    return bucket if bucket < N_TARGETS else N_TARGETS + int(history[-1, N_TARGETS:].argmax())
 
 
-def simulate_per_subject(probs: np.ndarray, y: np.ndarray, subjects: np.ndarray, quota: np.ndarray,
-                         seed: int) -> tuple[float, float, np.ndarray]:
+def simulate_per_subject(probs: np.ndarray, y: np.ndarray, subjects: np.ndarray, capacity: np.ndarray,
+                         decoding: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Replay the gateway on out-of-fold probabilities: every subject's sequences arrive in a random order
-    (interleaving does not matter: state is per subject), each answered once, irrevocably. Returns
-    (score of the plain argmax, score with the per-subject assignment, the assigned answers)."""
+    (interleaving does not matter: state is per subject), each answered once, irrevocably. Returns (the
+    plain answers, the per-subject assignment's answers)."""
     rng = np.random.default_rng(seed)
-    answers = probs.argmax(axis=1)
+    answers = decide_gestures(probs, decoding)
     assigned = answers.copy()
     for subject in np.unique(subjects):
         order = rng.permutation(np.where(subjects == subject)[0])
         for i in range(len(order)):
-            assigned[order[i]] = assign_within_subject(probs[order[: i + 1]], quota)
-    return fast_competition_score(y, answers), fast_competition_score(y, assigned), assigned
+            assigned[order[i]] = assign_within_subject(probs[order[: i + 1]], capacity, decoding)
+    return answers, assigned
+
+
+def subject_bootstrap_spread(y: np.ndarray, plain: np.ndarray, assigned: np.ndarray, subjects: np.ndarray,
+                             seed: int, resamples: int = 200) -> float:
+    """The standard deviation of the assignment's gain when the subjects are resampled with replacement:
+    how much of a replayed gain is the luck of which subjects were in the data."""
+    rng = np.random.default_rng(seed)
+    names = np.unique(subjects)
+    rows_of = {s: np.where(subjects == s)[0] for s in names}
+    gains = []
+    for _ in range(resamples):
+        rows = np.concatenate([rows_of[s] for s in rng.choice(names, len(names))])
+        gains.append(fast_competition_score(y[rows], assigned[rows]) - fast_competition_score(y[rows], plain[rows]))
+    return float(np.std(gains))
 
 
 class SubjectAssigner:
@@ -2911,18 +3084,19 @@ class SubjectAssigner:
     is assigned jointly with them (assign_within_subject). Thread-safe; one per loaded predictor, so a new
     run (configure_inference) starts empty."""
 
-    def __init__(self, quota: dict[str, int]) -> None:
-        self.quota = np.array([quota.get(g, 1) for g in GESTURES])
+    def __init__(self, quota: dict[str, int], decoding: str) -> None:
+        self.capacity = pooled_capacity(quota)
+        self.decoding = decoding
         self.history: dict[str, list[np.ndarray]] = {}
         self.lock = threading.Lock()
 
     def answer(self, subject: str | None, probs: np.ndarray) -> int:
         if subject is None:                                  # no subject id: nothing to assign against
-            return int(probs.argmax())
+            return int(decide_gestures(probs[None], self.decoding)[0])
         with self.lock:
             rows = self.history.setdefault(subject, [])
             rows.append(np.asarray(probs, dtype=np.float64))
-            return assign_within_subject(np.vstack(rows), self.quota)
+            return assign_within_subject(np.vstack(rows), self.capacity, self.decoding)
 
 
 # ╔══════════════════════════════════════════════════════════════════════════════════════════════╗
@@ -2965,7 +3139,7 @@ def write_artifact_manifest(model_dir: Path, settings: Settings, results: list[F
     families: dict[str, dict[str, Any]] = {}
     for r in results:
         families.setdefault(r.family, {})[r.variant] = {
-            "models": r.model_paths, "features": r.feature_columns,
+            "models": r.model_paths, "refit_models": r.refit_paths, "features": r.feature_columns,
             "oof_score": None if r.overall is None else dataclasses.asdict(r.overall)}
     manifest = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "classes": list(GESTURES),
                 "feature_version": feature_version(settings.cfg.MIRROR_LEFT_HANDED),
@@ -3018,12 +3192,17 @@ class GesturePredictor:
         # {route: {family: weight}} from the training run's weight search; missing = equal weights.
         self.weights = {route: dict(zip(e["families"], e["weights"]))
                         for route, e in self.manifest.get("ensemble", {}).items()}
+        self.decoding = self.manifest.get("decoding", "argmax")
+        if self.decoding not in DECODINGS:
+            LOG.warning("Unknown decoding %r in %s: answering the argmax", self.decoding, manifest_path)
+            self.decoding = "argmax"
         per_subject = self.manifest.get("per_subject", {})
         enabled = env_bool("ENSEMBLE_PER_SUBJECT", None)
         enabled = bool(per_subject.get("enabled", False)) if enabled is None else enabled
-        self.assigner = SubjectAssigner(per_subject.get("quota", {g: 8 for g in GESTURES})) if enabled else None
-        LOG.info("Ensemble weights %s; per-subject assignment %s", self.weights or "equal",
-                 "on" if self.assigner else "off")
+        self.assigner = (SubjectAssigner(per_subject.get("quota", {g: 8 for g in GESTURES}), self.decoding)
+                         if enabled else None)
+        LOG.info("Ensemble weights %s; %s decoding; per-subject assignment %s", self.weights or "equal",
+                 self.decoding, "on" if self.assigner else "off")
         # {variant: [(family, loaded family)]}: a family that fails to load is skipped, with a warning.
         self.models: dict[str, list[tuple[str, Any]]] = {v: [] for v in VARIANTS}
         for family, variants in self.manifest.get("families", {}).items():
@@ -3038,13 +3217,14 @@ class GesturePredictor:
                  {v: [f"{fam} x{len(m.models)}" for fam, m in entries] for v, entries in self.models.items()})
 
     def _load_family(self, family: str, spec: dict[str, Any]) -> Any:
-        paths = [self.model_dir / rel for rel in spec["models"]]
+        folds = [self.model_dir / rel for rel in spec["models"]]
+        refits = [self.model_dir / rel for rel in spec.get("refit_models", [])]
         if family == "lgbm":
-            return LgbmFamily.load(paths, spec["features"])
+            return LgbmFamily.load(folds, refits, spec["features"])
         if family == "torch":
-            return TorchFamily.load(paths, spec["features"])
+            return TorchFamily.load(folds, refits, spec["features"])
         if family == "keras":
-            return KerasFamily.load(paths, spec["features"])
+            return KerasFamily.load(folds, refits, spec["features"])
         raise ValueError(f"unknown model family {family!r}")
 
     # -- input hygiene: every oddity becomes a warning and a usable matrix ------------------------
@@ -3145,16 +3325,16 @@ class GesturePredictor:
         return blend(np.stack([p for _, p in outcomes]), weights), variant
 
     def answer(self, sequence: pl.DataFrame, probs: np.ndarray) -> int:
-        """The gesture index: the argmax, or the per-subject assignment when it is on."""
+        """The gesture index: the decoded probabilities, or the per-subject assignment when it is on."""
         if self.assigner is None:
-            return int(np.argmax(probs))
+            return int(decide_gestures(probs[None], self.decoding)[0])
         try:
             subject = sequence["subject"][0] if "subject" in sequence.columns and sequence.height else None
             return self.assigner.answer(None if subject is None else str(subject), probs)
         except Exception as exc:                            # never worse than the plain answer
             self.warnings.warn("per_subject", f"per-subject assignment failed ({type(exc).__name__}: {exc}); "
-                                              "answering the argmax")
-            return int(np.argmax(probs))
+                                              "answering the decoded probabilities")
+            return int(decide_gestures(probs[None], self.decoding)[0])
 
 
 class SequenceInputs:
@@ -3184,33 +3364,49 @@ class SequenceInputs:
 AGGREGATE_ROW_POSITION = {c: i for i, c in enumerate(aggregate_names() + DEMOGRAPHIC_FEATURES)}
 
 
-class LgbmFamily:
-    """LightGBM boosters of one variant (one per fold), reading their columns of the aggregate row."""
+def member_weights(n_fold_models: int, n_refit_models: int) -> np.ndarray:
+    """Each saved model's share of its family's answer: the fold models (every seed) share one half and the
+    full-data refits the other, or the fold models all of it when there is no refit. A refit has seen every
+    training sequence, a fold model four fifths; the fold models have out-of-fold rows behind their ensemble
+    weight, the refits none, so neither replaces the other."""
+    if n_refit_models == 0:
+        return np.full(n_fold_models, 1.0 / n_fold_models)
+    return np.concatenate([np.full(n_fold_models, 0.5 / n_fold_models), np.full(n_refit_models, 0.5 / n_refit_models)])
 
-    def __init__(self, models: list[Any], columns: list[str]) -> None:
+
+class LgbmFamily:
+    """LightGBM boosters of one variant (one per fold, and the full-data refit), reading their columns of the
+    aggregate row."""
+
+    def __init__(self, models: list[Any], columns: list[str], weights: np.ndarray | None = None) -> None:
         missing = [c for c in columns if c not in AGGREGATE_ROW_POSITION]
         if missing:
             raise ValueError(f"{len(missing)} feature column(s) this script no longer computes, e.g. {missing[:3]}")
         self.models = models
+        self.weights = member_weights(len(models), 0) if weights is None else weights
         self.column_index = np.array([AGGREGATE_ROW_POSITION[c] for c in columns])
 
     @classmethod
-    def load(cls, paths: list[Path], columns: list[str]) -> "LgbmFamily":
+    def load(cls, folds: list[Path], refits: list[Path], columns: list[str]) -> "LgbmFamily":
         import lightgbm as lgb
-        return cls([lgb.Booster(model_file=str(p)) for p in paths], columns)
+        return cls([lgb.Booster(model_file=str(p)) for p in folds + refits], columns,
+                   member_weights(len(folds), len(refits)))
 
     def predict(self, inputs: SequenceInputs) -> np.ndarray:
         x = inputs.aggregate_row[self.column_index][None, :]
         # num_threads=1: one row; thread start-up would cost more than the trees (measured by bench/).
-        return np.mean([m.predict(x, num_threads=1)[0] for m in self.models], axis=0)
+        return self.weights @ np.stack([m.predict(x, num_threads=1)[0] for m in self.models])
 
 
 class TorchFamily:
-    """TimeSeriesNet checkpoints of one variant (one per fold), on the CPU, in eval mode."""
+    """TimeSeriesNet checkpoints of one variant (one per fold and seed, and the full-data refits), on the CPU,
+    in eval mode."""
 
-    def __init__(self, checkpoints: list[dict[str, Any]], columns: list[str]) -> None:
+    def __init__(self, checkpoints: list[dict[str, Any]], columns: list[str], weights: np.ndarray | None = None
+                 ) -> None:
         import torch
         self.variant = variant_of_channels(columns)
+        self.weights = member_weights(len(checkpoints), 0) if weights is None else weights
         self.runtime = TorchRuntime(torch.device("cpu"), None)
         self.models = []
         for ck in checkpoints:
@@ -3225,17 +3421,19 @@ class TorchFamily:
         # One stacked network when the folds share an architecture (they do within a run), else a loop.
         same = len({(ck["in_features"], ck["pools"], ck["hidden"], ck["conv_width"], ck["pad_len"])
                     for ck in checkpoints}) == 1
-        self.stack = stack_fold_nets([m[0] for m in self.models]) if same and len(self.models) > 1 else None
+        self.stack = (stack_fold_nets([m[0] for m in self.models], self.weights) if same and len(self.models) > 1
+                      else None)
         if self.stack is not None:
             self.pad_len = self.models[0][3]
             self.means = np.stack([m[1] for m in self.models])[:, None]      # (K, 1, C): each fold's normalisation
             self.stds = np.stack([m[2] for m in self.models])[:, None]
 
     @classmethod
-    def load(cls, paths: list[Path], columns: list[str]) -> "TorchFamily":
+    def load(cls, folds: list[Path], refits: list[Path], columns: list[str]) -> "TorchFamily":
         import torch
         # weights_only: a checkpoint holds tensors and plain values, nothing that runs code when unpickled.
-        return cls([torch.load(p, map_location="cpu", weights_only=True) for p in paths], columns)
+        return cls([torch.load(p, map_location="cpu", weights_only=True) for p in folds + refits], columns,
+                   member_weights(len(folds), len(refits)))
 
     def predict(self, inputs: SequenceInputs) -> np.ndarray:
         channels = inputs.channels(self.variant)
@@ -3250,16 +3448,17 @@ class TorchFamily:
             x, mask = pad_last_frames(channels, pad_len)
             x = standardize_frames(x[None], mask[None], mean, std)
             probs.append(predict_torch_probs(net, x, mask[None], self.runtime)[0])
-        return np.mean(probs, axis=0)
+        return self.weights @ np.stack(probs).astype(np.float64)
 
 
 class KerasFamily:
-    """The Keras fold models of one variant, joined into one model that averages them, called with
+    """The Keras models of one variant (folds and seeds, and the full-data refits), joined into one model that
+    averages them (fold models and refits one half each, member_weights), called with
     predict_on_batch: a compiled call (XLA with TensorFlow). model.predict() per sequence pays ~100 ms of set-up (data adapter,
     callbacks) and an eager model(x) call ~200 ms with TensorFlow (measured by bench/bench_keras.py), for
     a batch of one."""
 
-    def __init__(self, models: list[Any], columns: list[str]) -> None:
+    def __init__(self, models: list[Any], columns: list[str], n_refit: int = 0) -> None:
         import keras
         self.variant = variant_of_channels(columns)
         self.pad_len, in_features = int(models[0].inputs[0].shape[1]), int(models[0].inputs[0].shape[2])
@@ -3272,7 +3471,15 @@ class KerasFamily:
         else:
             frames = keras.Input((self.pad_len, in_features), name="frames")
             mask = keras.Input((self.pad_len,), name="mask")
-            self.model = keras.Model([frames, mask], keras.layers.Average()([m([frames, mask]) for m in models]))
+
+            def mean(members: list[Any]) -> Any:
+                outputs = [m([frames, mask]) for m in members]
+                return outputs[0] if len(outputs) == 1 else keras.layers.Average()(outputs)
+
+            split = len(models) - n_refit
+            joined = mean(models) if n_refit == 0 else keras.layers.Average()([mean(models[:split]),
+                                                                                mean(models[split:])])
+            self.model = keras.Model([frames, mask], joined)
         warm_up = SequenceInputs(np.zeros((1, len(FRAME_FEATURES)), np.float32), {})
         if keras.backend.backend() == "tensorflow":
             # XLA fuses the small ops of a batch-of-one call: 5 folds 12.8 ms instead of 21.3 on 2 CPU cores
@@ -3288,11 +3495,11 @@ class KerasFamily:
         self.predict(warm_up)                              # trace now, not on the first sequence
 
     @classmethod
-    def load(cls, paths: list[Path], columns: list[str]) -> "KerasFamily":
+    def load(cls, folds: list[Path], refits: list[Path], columns: list[str]) -> "KerasFamily":
         keras_backend_and_gpu()                            # quiet import; TensorFlow GPU memory growth before any op
         import keras
         keras_layers()                                     # register the custom layers for deserialisation
-        return cls([keras.saving.load_model(p, compile=False) for p in paths], columns)
+        return cls([keras.saving.load_model(p, compile=False) for p in folds + refits], columns, len(refits))
 
     def predict(self, inputs: SequenceInputs) -> np.ndarray:
         x, mask = pad_last_frames(inputs.channels(self.variant), self.pad_len)
@@ -3453,33 +3660,36 @@ class StageTimer:
 
 
 def evaluate_per_subject(ensembles: dict[str, RouteEnsemble], results: list[FamilyResult], sequences: pl.DataFrame,
-                         setting: bool | None, seed: int, orders: int = 3) -> dict[str, Any]:
-    """Measure the per-subject assignment on out-of-fold data the way the test looks: half the sequences
-    (and every one without thm/tof) answered by the IMU-only route, the rest by the full route; each
-    subject's sequences in a random order, `orders` orders averaged. ENSEMBLE_PER_SUBJECT unset: on when
-    the mean gain is positive. Also returns the final out-of-fold answers (for the confusion matrix)."""
+                         setting: bool | None, decoding: str, seed: int, orders: int = 5) -> dict[str, Any]:
+    """Replay the per-subject assignment on out-of-fold data the way the test looks: half the sequences (and
+    every one without thm/tof) answered by the IMU-only route, the rest by the full route; each subject's
+    sequences in a random order, ``orders`` orders averaged. ENSEMBLE_PER_SUBJECT unset: on only when the
+    mean gain clears the noise, the larger of its spread over the orders and over a bootstrap of the
+    subjects (a gain of +0.003 on 16 subjects is within +-0.002-0.003 of luck, measured). Also returns the
+    final out-of-fold answers (for the confusion matrix)."""
     blended = ensemble_oof_probs(ensembles, results)
-    rng = np.random.default_rng(seed)
-    has_full = sequences["has_thm_tof"].to_numpy() & ("full" in blended)
-    use_full = has_full & (rng.random(sequences.height) < 0.5)
-    route_probs = blended.get("imu", blended.get("full"))
-    probs = np.where(use_full[:, None], blended["full"], route_probs) if "full" in blended else route_probs
+    use_full = test_like_mix(sequences, blended, seed)
+    probs = mix_routes(blended, use_full)
     mask = np.isfinite(probs).all(axis=1)
     y = sequences["label"].to_numpy()[mask]
     subjects = sequences["subject"].to_numpy()[mask]
     quota = subject_quota(sequences)
-    quota_array = np.array([quota[g] for g in GESTURES])
-    runs = [simulate_per_subject(probs[mask], y, subjects, quota_array, seed + i) for i in range(orders)]
-    plain, assigned = float(np.mean([r[0] for r in runs])), float(np.mean([r[1] for r in runs]))
-    enabled = (assigned > plain) if setting is None else setting
-    LOG.info("Per-subject assignment, test-like mix (%d%% IMU-only), %d random gateway orders: %.4f -> %.4f (%+.4f): "
-             "%s (%s)", round(100 * (1 - use_full[mask].mean())), orders, plain, assigned, assigned - plain,
-             "on" if enabled else "off", "ENSEMBLE_PER_SUBJECT" if setting is not None else "auto: on if it helps")
-    final = runs[0][2] if enabled else probs[mask].argmax(axis=1)   # the answers predict() would give
-    return {"enabled": bool(enabled), "plain_score": round(plain, 4), "assigned_score": round(assigned, 4),
-            "gain": round(assigned - plain, 4), "orders": orders, "quota": quota,
-            "imu_share": round(float(1 - use_full[mask].mean()), 3), "n_scored": int(mask.sum()),
-            "final_predictions": final, "mask": mask}
+    capacity = pooled_capacity(quota)
+    runs = [simulate_per_subject(probs[mask], y, subjects, capacity, decoding, seed + i) for i in range(orders)]
+    plain = fast_competition_score(y, runs[0][0])
+    gains = np.array([fast_competition_score(y, assigned) - plain for _, assigned in runs])
+    spread = max(float(gains.std()), subject_bootstrap_spread(y, runs[0][0], runs[0][1], subjects, seed))
+    gain = float(gains.mean())
+    enabled = (gain > spread) if setting is None else setting
+    LOG.info("Per-subject assignment, test-like mix (%d%% IMU-only), %d random gateway orders: %.4f -> %.4f (%+.4f, "
+             "noise %.4f): %s (%s)", round(100 * (1 - use_full[mask].mean())), orders, plain, plain + gain, gain,
+             spread, "on" if enabled else "off",
+             "ENSEMBLE_PER_SUBJECT" if setting is not None else "auto: on if the gain clears the noise")
+    final = runs[0][1] if enabled else runs[0][0]            # the answers predict() would give
+    return {"enabled": bool(enabled), "plain_score": round(plain, 4), "assigned_score": round(plain + gain, 4),
+            "gain": round(gain, 4), "noise": round(spread, 4), "orders": orders, "quota": quota,
+            "decoding": decoding, "imu_share": round(float(1 - use_full[mask].mean()), 3),
+            "n_scored": int(mask.sum()), "final_predictions": final, "mask": mask}
 
 
 def save_confusion_matrix(model_dir: Path, y: np.ndarray, predicted: np.ndarray, mask: np.ndarray) -> None:
@@ -3531,11 +3741,25 @@ def summary_table(results: list[FamilyResult], failed: list[dict[str, Any]], ens
                       f"searched in-sample {e.searched_score:.4f}, nested {e.nested_score:.4f}")
              for route, e in ensembles.items()]
     rows.append(row("ensemble", "mixed", per_subject["n_scored"], per_subject["plain_score"],
-                    note=f"test-like mix, {per_subject['imu_share']:.0%} IMU-only"))
+                    note=f"test-like mix, {per_subject['imu_share']:.0%} IMU-only, {per_subject['decoding']} decoding"))
     rows.append(row("per-subject", "mixed", per_subject["n_scored"], per_subject["assigned_score"],
-                    note=f"gain {per_subject['gain']:+.4f} over {per_subject['orders']} random orders; "
-                         f"{'on' if per_subject['enabled'] else 'off'}"))
+                    note=f"gain {per_subject['gain']:+.4f} over {per_subject['orders']} random orders, noise "
+                         f"{per_subject['noise']:.4f}; {'on' if per_subject['enabled'] else 'off'}"))
     return rows
+
+
+def resolve_full_fit(setting: bool | None) -> bool:
+    """FULL_FIT, or unset: on with a GPU (where the extra models cost minutes), off on the CPU (where they
+    would cost the default run about a fifth more time)."""
+    if setting is not None:
+        return setting
+    try:
+        import torch
+        gpu = torch.cuda.is_available()
+    except ImportError:
+        gpu = False
+    LOG.info("FULL_FIT unset: full-data refit %s (%s)", "on" if gpu else "off", "GPU" if gpu else "no GPU")
+    return gpu
 
 
 def train_all(train: pl.DataFrame, settings: Settings, model_dir: Path, timer: StageTimer,
@@ -3562,20 +3786,23 @@ def train_all(train: pl.DataFrame, settings: Settings, model_dir: Path, timer: S
     with timer("aggregate features"):
         features = build_feature_table(train, cfg.MIRROR_LEFT_HANDED, frames)
     del frames                                              # the cache keeps what the deep models need
+    full_fit = resolve_full_fit(cfg.FULL_FIT)
     trainers: list[tuple[str, str, Callable[[], FamilyResult]]] = []
     for variant in VARIANTS:
         if cfg.RUN_LGBM_TRAINING:
             trainers.append(("lgbm", variant, functools.partial(train_lgbm, features, sequences, folds, variant,
-                                                                settings.lgbm, cfg.SEED, model_dir)))
+                                                                settings.lgbm, cfg.SEED, model_dir, full_fit)))
     for variant in VARIANTS:
         if cfg.RUN_TORCH_TRAINING:
             trainers.append(("torch", variant, functools.partial(train_torch, deep_inputs, sequences, folds, variant,
-                                                                 settings.dl, settings.recipe, cfg.SEED, model_dir)))
+                                                                 settings.dl, settings.recipe, cfg.SEED, model_dir,
+                                                                 full_fit=full_fit)))
     for variant in VARIANTS:
         if cfg.RUN_KERAS_TRAINING:
             trainers.append(("keras", variant, functools.partial(train_keras, deep_inputs, sequences, folds, variant,
                                                                  settings.keras, settings.keras_speed,
-                                                                 settings.recipe, cfg.SEED, model_dir)))
+                                                                 settings.recipe, cfg.SEED, model_dir,
+                                                                 full_fit=full_fit)))
     if not trainers:
         raise ConfigError("every model family is switched off (RUN_LGBM_TRAINING=0 ...): nothing to train")
     results: list[FamilyResult] = []
@@ -3616,9 +3843,9 @@ def train_all(train: pl.DataFrame, settings: Settings, model_dir: Path, timer: S
     save_oof_predictions(model_dir / "oof_predictions.parquet", sequences, folds, results)
     y = sequences["label"].to_numpy()
     with timer("ensemble"):
-        ensembles = {route: e for route in VARIANTS
-                     if (e := build_route_ensemble(route, results, y, folds, settings.ensemble.TRIALS, cfg.SEED))}
-        per_subject = evaluate_per_subject(ensembles, results, sequences, settings.ensemble.PER_SUBJECT, cfg.SEED)
+        ensembles, decoding, decoding_scores = build_ensembles(results, sequences, folds, settings.ensemble, cfg.SEED)
+        per_subject = evaluate_per_subject(ensembles, results, sequences, settings.ensemble.PER_SUBJECT, decoding,
+                                           cfg.SEED)
         save_confusion_matrix(model_dir, y, per_subject.pop("final_predictions"), per_subject["mask"])
         per_subject.pop("mask")
     summary_rows = summary_table(results, failed, ensembles, per_subject)
@@ -3627,7 +3854,8 @@ def train_all(train: pl.DataFrame, settings: Settings, model_dir: Path, timer: S
                             for c in DEMOGRAPHIC_FEATURES}
     demographic_defaults["handedness"] = 1.0                 # unknown subject: assume the common right hand
     write_artifact_manifest(model_dir, settings, results, demographic_defaults,
-                            {"synthetic_data": synthetic, "n_sequences": sequences.height,
+                            {"synthetic_data": synthetic, "n_sequences": sequences.height, "decoding": decoding,
+                             "decoding_scores": decoding_scores,
                              "ensemble": {route: dataclasses.asdict(e) for route, e in ensembles.items()},
                              "per_subject": per_subject, "failed_families": failed})
     return {"summary": summary_rows, "folds": fold_rows, "ensemble": {r: dataclasses.asdict(e)

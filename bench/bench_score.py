@@ -63,6 +63,9 @@ ROWS = [
     ("new", "the new default: every ingredient (the row above + sensor dropout)", {}, ALL_FAMILIES),
     ("inner", "the new default with DEEP_SELECTION=inner (EarlyStopper on held-back subjects)",
      {"DEEP_SELECTION": "inner"}, TORCH_ONLY),
+    ("seeds", "the new default + 3 seeds per deep model (DL_SEEDS=3, KERAS_SEEDS=3)",
+     {"DL_SEEDS": "3", "KERAS_SEEDS": "3"}, ALL_FAMILIES),
+    ("refit", "the new default + the full-data refit (FULL_FIT=1)", {"FULL_FIT": "1"}, ALL_FAMILIES),
 ]
 
 
@@ -111,9 +114,11 @@ def evaluate_holdout(script: Path, artifacts: Path, data_dir: Path) -> dict:
     labels = dict(pl.read_csv(data_dir / "test_labels.csv").select("sequence_id", "gesture").iter_rows())
     imu_only = dict(pl.read_csv(data_dir / "test_labels.csv").select("sequence_id", "imu_only").iter_rows())
     answers: dict[str, dict[str, str]] = {}
+    arrivals: list[tuple[str, str, np.ndarray]] = []          # (sequence, subject, blend) in the gateway's order
     for sequence_id, sequence, demo in ti._gateway_sequences(test, demographics, 0):
         seen.clear()
         probs, _ = predictor.predict_proba(sequence, demo)
+        arrivals.append((sequence_id, str(sequence["subject"][0]), probs))
         row = {name: ti.GESTURES[int(np.argmax(p))] for name, p in seen.items()}
         row["blend"] = ti.GESTURES[int(np.argmax(probs))]
         row["predict"] = ti.GESTURES[predictor.answer(sequence, probs)]
@@ -125,7 +130,49 @@ def evaluate_holdout(script: Path, artifacts: Path, data_dir: Path) -> dict:
             scored = [s for s in ids if who in answers[s]]
             scores.setdefault(who, {})[route] = round(ti.competition_score(
                 [labels[s] for s in scored], [answers[s][who] for s in scored]).score, 4)
+    if hasattr(ti, "decide_gestures"):                          # scripts that decode and assign the new way
+        manifest = json.loads((artifacts / "artifacts.json").read_text())
+        truth = np.array([ti.GESTURES.index(labels[s]) for s, _, _ in arrivals])
+        scores["decisions"] = {name: round(ti.fast_competition_score(truth, answered), 4)
+                               for name, answered in replay_decisions(ti, arrivals, manifest).items()}
     return scores
+
+
+def previous_assignment(history: np.ndarray, quota: np.ndarray) -> int:
+    """The per-subject assignment as it was before the pooled bucket, for the comparison only: the last row's
+    gesture in the joint labelling of the subject's rows with one quota per gesture (18 buckets)."""
+    from scipy.optimize import linear_sum_assignment
+    n = history.shape[0]
+    if n <= 1:
+        return int(history[-1].argmax())
+    slots = np.repeat(np.arange(history.shape[1]), np.maximum(quota, 1))
+    if len(slots) < n:
+        slots = np.concatenate([slots, np.tile(np.arange(history.shape[1]), -(-(n - len(slots)) // history.shape[1]))])
+    rows, cols = linear_sum_assignment(-np.log(np.clip(history, 1e-9, 1.0))[:, slots])
+    return int(slots[cols[rows == n - 1][0]])
+
+
+def replay_decisions(ti, arrivals: list, manifest: dict) -> dict[str, np.ndarray]:
+    """The hold-out's blended probabilities, in the gateway's order, answered by each decision: both decodings
+    alone, the previous per-gesture assignment (always on, argmax), the pooled assignment always on, and the
+    default (the decoding and on/off the training run chose out of fold)."""
+    probs = np.stack([p for _, _, p in arrivals])
+    subjects = [s for _, s, _ in arrivals]
+    quota = manifest["per_subject"]["quota"]
+    quota18 = np.array([quota[g] for g in ti.GESTURES])
+    capacity = ti.pooled_capacity(quota)
+    decoding = manifest.get("decoding", "argmax")
+    out = {f"{d} alone": ti.decide_gestures(probs, d) for d in ti.DECODINGS}
+    previous, pooled, seen = [], [], {}
+    for i, subject in enumerate(subjects):
+        seen.setdefault(subject, []).append(i)
+        history = probs[seen[subject]]
+        previous.append(previous_assignment(history, quota18))
+        pooled.append(ti.assign_within_subject(history, capacity, decoding))
+    out["previous assignment (per gesture, argmax)"] = np.array(previous)
+    out["pooled assignment, always on"] = np.array(pooled)
+    out["default"] = np.array(pooled) if manifest["per_subject"]["enabled"] else out[f"{decoding} alone"]
+    return out
 
 
 def run_job(row: tuple, seed: int, args: argparse.Namespace, data_dir: Path, lock: threading.Lock) -> dict:
@@ -158,7 +205,10 @@ def run_job(row: tuple, seed: int, args: argparse.Namespace, data_dir: Path, loc
     chosen = {f"{r['family']}/{r['route']}": r["note"].rsplit(" ", 1)[-1] for r in summary["summary"]
               if "would claim" in (r.get("note") or "")}
     holdout = json.loads((out / "holdout.json").read_text())
-    result = {"row": key, "seed": seed, "oof": oof, "oof_chosen": chosen, "holdout": holdout,
+    manifest = json.loads((out / "artifacts.json").read_text())
+    decisions = {"decoding": manifest.get("decoding"), "decoding_scores": manifest.get("decoding_scores"),
+                 "per_subject": {k: manifest.get("per_subject", {}).get(k) for k in ("enabled", "gain", "noise")}}
+    result = {"row": key, "seed": seed, "oof": oof, "oof_chosen": chosen, "holdout": holdout, "decisions": decisions,
               "train_seconds": round(train_seconds, 1), "epochs": args.epochs, "machine": machine_line()}
     result_file.write_text(json.dumps(result, indent=1))
     with lock:
@@ -206,6 +256,20 @@ def table(results: list[dict], seeds: list[int], header: str) -> str:
         for name in sorted(chosen[0]["oof_chosen"]):
             lines.append(f"| {name} | {cell([r['oof'][name] for r in chosen])} | "
                          f"{cell([float(r['oof_chosen'][name]) for r in chosen])} |")
+    decided = [r for r in results if r["row"] == "new" and "decisions" in r["holdout"]]
+    if decided:
+        lines += ["", "Decisions on the new default's models (the same models, answered in the gateway's order): "
+                  "out of fold, the honest test-like mix of the training run; hold-out, every test subject:", "",
+                  "| decision | OOF (test-like mix) | hold-out all |", "| --- | ---: | ---: |"]
+        oof_of = {"argmax alone": lambda r: (r["decisions"]["decoding_scores"] or {}).get("argmax"),
+                  "nine_way alone": lambda r: (r["decisions"]["decoding_scores"] or {}).get("nine_way")}
+        for name in decided[0]["holdout"]["decisions"]:
+            lines.append(f"| {name} | {cell([oof_of[name](r) if name in oof_of else None for r in decided])} | "
+                         f"{cell([r['holdout']['decisions'][name] for r in decided])} |")
+        lines += ["", "Chosen out of fold per seed: " + "; ".join(
+            f"{r['seed']}: {r['decisions']['decoding']} decoding, assignment gain {r['decisions']['per_subject']['gain']:+.4f}"
+            f" vs noise {r['decisions']['per_subject']['noise']:.4f} -> "
+            f"{'on' if r['decisions']['per_subject']['enabled'] else 'off'}" for r in sorted(decided, key=lambda r: r["seed"]))]
     return "\n".join(lines)
 
 

@@ -16,8 +16,8 @@ import train_infer as ti  # noqa: E402
 
 REAL_DIR = ROOT.parent / "shared" / "cmi_real"
 # Variables the script reads: tests start from a clean slate so a developer's shell cannot change them.
-SCRIPT_ENV_PREFIXES = ("CMI_", "LGBM_", "DL_", "TORCH_", "KERAS_", "FRAME_CACHE_", "ENSEMBLE_", "RUN_",
-                       "KAGGLE_IS_COMPETITION_RERUN")
+SCRIPT_ENV_PREFIXES = ("CMI_", "LGBM_", "DL_", "TORCH_", "KERAS_", "FRAME_CACHE_", "ENSEMBLE_", "RUN_", "AUG_",
+                       "DEEP_SELECTION", "FULL_FIT", "KAGGLE_IS_COMPETITION_RERUN")
 
 
 @contextmanager

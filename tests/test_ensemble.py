@@ -59,39 +59,117 @@ def _result(family, probs, variant="imu"):
 def test_route_ensemble_uses_searched_weights_only_when_they_hold_out_of_fold():
     probs, y = _good_and_overconfident(n=900)
     folds = np.arange(len(y)) % 3
-    ensemble = ti.build_route_ensemble("imu", [_result("a", probs[0]), _result("b", probs[1])], y, folds, 128, 0)
+    ensemble, _ = ti.build_route_ensemble("imu", [_result("a", probs[0]), _result("b", probs[1])], y, folds, 128, 0)
     assert ensemble.used == "searched" and ensemble.nested_score > ensemble.equal_score
     assert ensemble.searched_score >= ensemble.nested_score - 1e-9     # in-sample is the optimistic one
     rng = np.random.default_rng(5)
     noise = [_result(f, rng.dirichlet(np.ones(18), len(y))) for f in ("x", "y", "z")]
-    guarded = ti.build_route_ensemble("imu", noise, y, folds, 128, 0)
+    guarded, honest_blend = ti.build_route_ensemble("imu", noise, y, folds, 128, 0)
     if guarded.used == "equal":                             # the guard fell back: weights are equal
         assert guarded.weights == pytest.approx([1 / 3] * 3, abs=1e-6)
     assert guarded.honest.score == pytest.approx(
         guarded.nested_score if guarded.used == "searched" else guarded.equal_score)
+    assert guarded.honest.score == pytest.approx(ti.fast_competition_score(y, honest_blend.argmax(1)))
 
 
-def test_assignment_respects_the_quota_and_is_plain_argmax_when_nothing_binds():
-    quota = np.full(18, 2)
-    quota[0] = 1
+def _one_target_or_ten_non_targets():
+    """A target at 0.25 against ten non-targets at 0.075 each (0.75 together): 18-way argmax says the target."""
+    row = np.full(18, 0.075)
+    row[:ti.N_TARGETS] = 0.0
+    row[3] = 0.25
+    row[ti.N_TARGETS + 2] = 0.08                             # the most likely single non-target
+    return row / row.sum()
+
+
+def test_nine_way_decoding_answers_non_target_when_the_non_targets_together_are_more_likely():
+    row = _one_target_or_ten_non_targets()
+    assert row.argmax() == 3                                  # the 18-way argmax picks the target
+    assert ti.decide_gestures(row[None], "argmax")[0] == 3
+    assert ti.decide_gestures(row[None], "nine_way")[0] == ti.N_TARGETS + 2
+    # the metric agrees: truth non-target, so the target answer costs binary and macro F1
+    y = np.array([ti.N_TARGETS + 5, 0])
+    other = np.zeros(18)
+    other[0] = 1.0
+    probs = np.vstack([row, other])
+    assert ti.fast_competition_score(y, ti.decide_gestures(probs, "nine_way")) > \
+        ti.fast_competition_score(y, ti.decide_gestures(probs, "argmax"))
+    confident = np.full(18, 0.01)
+    confident[5] = 0.83                                      # a clear target stays a target either way
+    assert ti.decide_gestures(confident[None], "nine_way")[0] == 5
+    assert ti.decide_gestures(row[None], "nine_way", open_buckets=np.arange(9) < ti.N_TARGETS)[0] == 3
+
+
+def test_weight_search_optimises_the_decoding_it_is_given():
+    rng = np.random.default_rng(3)
+    n = 400
+    y = np.where(rng.random(n) < 0.5, 3, ti.N_TARGETS + rng.integers(0, 10, n))
+    # Family a spreads non-target sequences over the ten non-targets (argmax then says target 3); family b
+    # is a weak, confident guesser. Under nine_way decoding a alone is right; under argmax it is not.
+    a = np.tile(_one_target_or_ten_non_targets(), (n, 1))
+    a[y == 3, 3] = 0.9
+    a /= a.sum(1, keepdims=True)
+    b = rng.dirichlet(np.full(18, 0.3), n)
+    probs = np.stack([a, b])
+    w_nine, s_nine = ti.optimize_ensemble_weights(probs, y, trials=64, seed=0, decoding="nine_way")
+    assert s_nine == pytest.approx(ti.fast_competition_score(y, ti.decide_gestures(ti.blend(probs, w_nine),
+                                                                                   "nine_way")))
+    assert s_nine > ti.optimize_ensemble_weights(probs, y, trials=64, seed=0, decoding="argmax")[1]
+
+
+def test_assignment_respects_the_capacity_and_is_the_plain_decision_when_nothing_binds():
+    capacity = np.full(9, 2)
+    capacity[0] = 1
     history = np.full((1, 18), 0.01)
     history[0, 0], history[0, 1] = 0.6, 0.3
-    assert ti.assign_within_subject(history, quota) == 0
+    assert ti.assign_within_subject(history, capacity, "argmax") == 0
     # A second sequence that also looks like gesture 0, but less so: gesture 0 has room for one.
     second = np.full(18, 0.01)
     second[0], second[2] = 0.5, 0.4
-    assert ti.assign_within_subject(np.vstack([history, second]), quota) == 2
-    many = np.tile(history, (40, 1))                        # more sequences than all quotas: still an answer
-    assert 0 <= ti.assign_within_subject(many, quota) < 18
+    assert ti.assign_within_subject(np.vstack([history, second]), capacity, "argmax") == 2
+    many = np.tile(history, (40, 1))                        # more sequences than all capacities: still an answer
+    assert 0 <= ti.assign_within_subject(many, capacity, "argmax") < 18
+    rng = np.random.default_rng(0)
+    loose = rng.dirichlet(np.ones(18), 5)                   # capacity 8 everywhere, 5 rows: nothing binds
+    for decoding in ti.DECODINGS:
+        assert ti.assign_within_subject(loose, np.full(9, 8), decoding) == ti.decide_gestures(loose, decoding)[-1]
 
 
-def test_per_subject_state_survives_random_order_and_is_per_subject():
-    assigner = ti.SubjectAssigner({g: (1 if g == ti.GESTURES[0] else 3) for g in ti.GESTURES})
+def test_the_pooled_bucket_never_turns_a_correct_non_target_answer_into_a_target():
+    quota = {g: (1 if g in ti.NON_TARGET_GESTURES else 8) for g in ti.GESTURES}
+    glasses = ti.GESTURES.index("Glasses on/off")
+    looks_like_glasses = np.full(18, 0.02)
+    looks_like_glasses[glasses], looks_like_glasses[4] = 0.5, 0.2   # second choice: a target
+    assigner = ti.SubjectAssigner(quota, "argmax")
+    answers = [assigner.answer("S1", looks_like_glasses) for _ in range(5)]
+    # Glasses' own quota is 1, but the ten non-targets share 10 slots: every answer stays non-target.
+    assert all(a >= ti.N_TARGETS for a in answers) and answers == [glasses] * 5
+    capacity = ti.pooled_capacity(quota)
+    assert capacity.tolist() == [8] * 8 + [10]
+
+
+def test_answers_given_earlier_are_never_changed_and_state_is_per_subject():
+    assigner = ti.SubjectAssigner({g: (1 if g == ti.GESTURES[0] else 3) for g in ti.GESTURES}, "argmax")
     looks_like_0 = np.full(18, 0.01)
     looks_like_0[0], looks_like_0[5] = 0.7, 0.2
     answers = [assigner.answer(s, looks_like_0) for s in ["S1", "S2", "S1", "S2", "S1"]]
     assert answers == [0, 0, 5, 5, 5]                       # each subject's quota of gesture 0 is its own
-    assert assigner.answer(None, looks_like_0) == 0         # no subject id: plain argmax
+    assert assigner.answer(None, looks_like_0) == 0         # no subject id: the plain decision
+    # The replay answers every row exactly once, in arrival order: a later, clearer gesture-0 sequence takes
+    # the slot in the joint labelling, yet the first answer (0) stands; only the new row gets the other gesture.
+    rng = np.random.default_rng(1)
+    probs = rng.dirichlet(np.ones(18), 30)
+    probs[:, 0] += 0.5
+    probs /= probs.sum(1, keepdims=True)
+    y = np.zeros(30, dtype=int)
+    subjects = np.repeat([0, 1, 2], 10)
+    plain, assigned = ti.simulate_per_subject(probs, y, subjects, np.full(9, 2), "argmax", seed=0)
+    capacity = np.full(9, 2)
+    order_rng = np.random.default_rng(0)
+    for subject in range(3):
+        order = order_rng.permutation(np.where(subjects == subject)[0])
+        for i, row in enumerate(order):     # each answer is the one given when the row arrived
+            assert assigned[row] == ti.assign_within_subject(probs[order[: i + 1]], capacity, "argmax")
+        assert (assigned[order[:2]] == 0).all()                 # the first two arrivals fill gesture 0
 
 
 def test_simulation_measures_a_gain_on_confusable_pairs():
@@ -101,9 +179,9 @@ def test_simulation_measures_a_gain_on_confusable_pairs():
     probs = np.full((len(y), 18), 0.001)
     probs[:, 0] = 0.5 + rng.normal(0, 0.02, len(y)) + 0.03 * (y == 0)   # the model leans to gesture 0 ...
     probs[:, 1] = 0.45 + 0.03 * (y == 1)                     # ... but ranks the sequences right
-    quota = np.full(18, 8)
-    plain, assigned, _ = ti.simulate_per_subject(probs, y, subjects, quota, seed=0)
-    assert assigned > plain
+    plain, assigned = ti.simulate_per_subject(probs, y, subjects, np.full(9, 8), "argmax", seed=0)
+    assert ti.fast_competition_score(y, assigned) > ti.fast_competition_score(y, plain)
+    assert ti.subject_bootstrap_spread(y, plain, plain, subjects, seed=0) == 0.0   # no change, no spread
 
 
 def test_a_family_that_fails_at_predict_time_is_left_out(all_families_run, tiny_data, monkeypatch, warnings_seen):
@@ -137,6 +215,8 @@ def test_training_summary_and_ensemble_artifacts(all_families_run):
         assert ensemble["families"] == ["lgbm", "torch", "keras"]
         assert sum(ensemble["weights"]) == pytest.approx(1.0, abs=1e-5)
     assert isinstance(manifest["per_subject"]["enabled"], bool) and manifest["per_subject"]["quota"]
+    assert manifest["decoding"] in ti.DECODINGS and set(manifest["decoding_scores"]) == set(ti.DECODINGS)
+    assert manifest["per_subject"]["noise"] >= 0 and manifest["per_subject"]["decoding"] == manifest["decoding"]
     confusion = pl.read_csv(out / "confusion_matrix.csv")
     assert confusion.height == 18 and confusion.drop("true_gesture").sum().sum_horizontal()[0] == \
         manifest["per_subject"]["n_scored"]

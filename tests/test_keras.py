@@ -129,7 +129,7 @@ def test_default_run_trains_saves_and_predicts_with_all_three_families(all_famil
 def test_keras_checkpoint_reloads_and_reproduces_the_out_of_fold_probabilities(all_families_run):
     out, _ = all_families_run
     oof = pl.read_parquet(out / "oof_predictions.parquet")
-    family = ti.KerasFamily.load([out / "models" / "keras_full_fold0.keras"], ti.FULL_CHANNELS)
+    family = ti.KerasFamily.load([out / "models" / "keras_full_fold0.keras"], [], ti.FULL_CHANNELS)
     store = ti.FrameFeatureStore(out / "frame_features")
     fold0 = oof.filter((pl.col("fold") == 0) & pl.col("has_thm_tof")).head(5)
     for row in fold0.iter_rows(named=True):

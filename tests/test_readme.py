@@ -15,6 +15,13 @@ def test_every_environment_variable_is_documented_with_its_default():
         assert re.search(rf"^\| `{name}` \| [^|]+ \|", README, re.M), f"{name} is not in the README's table"
 
 
+def test_tests_start_from_a_clean_slate_for_every_variable_the_script_reads():
+    from conftest import SCRIPT_ENV_PREFIXES
+    source = (ROOT / "train_infer.py").read_text(encoding="utf-8")
+    names = set(re.findall(r'env_(?:int|float|bool|str|choice)\("([A-Z_]+)"', source))
+    assert [n for n in sorted(names) if not n.startswith(SCRIPT_ENV_PREFIXES)] == []
+
+
 def test_every_cli_flag_is_documented():
     parser_flags = set(re.findall(r'add_argument\("(--[a-z-]+)"', (ROOT / "train_infer.py").read_text()))
     for flag in parser_flags:

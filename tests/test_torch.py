@@ -255,7 +255,7 @@ def test_torch_checkpoint_loads_safely_and_reproduces_oof(torch_run, tiny_data):
     ck = torch.load(out / "models" / "torch_full_fold0.pt", map_location="cpu", weights_only=True)
     assert ck["pad_len"] == 90 and ck["pools"] == 3 and ck["classes"] == list(ti.GESTURES)
     assert ck["channels"] == ti.FULL_CHANNELS and ck["selection"] == "fixed"
-    family = ti.TorchFamily.load([out / "models" / "torch_full_fold0.pt"], ti.FULL_CHANNELS)
+    family = ti.TorchFamily.load([out / "models" / "torch_full_fold0.pt"], [], ti.FULL_CHANNELS)
     assert len(family.models) == 1
 
 
@@ -273,7 +273,7 @@ def test_bad_input_with_torch_models_loaded(torch_run, tiny_data, warnings_seen)
 def test_torch_family_stacked_prediction_equals_the_per_fold_loop(torch_run):
     out, _ = torch_run
     paths = sorted((out / "models").glob("torch_full_fold*.pt"))
-    family = ti.TorchFamily.load(paths, ti.FULL_CHANNELS)
+    family = ti.TorchFamily.load(paths, [], ti.FULL_CHANNELS)
     assert family.stack is not None and len(family.models) == 2
     frames = np.random.default_rng(0).standard_normal((120, len(ti.FRAME_FEATURES))).astype(np.float32)
     inputs = ti.SequenceInputs(frames, {})
