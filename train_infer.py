@@ -11,11 +11,13 @@ What it does, top to bottom:
      answered for sequences whose thm/tof are null (half of the hidden test), and full-sensor. LightGBM on
      the aggregates; a Torch TimeSeriesNet and a Keras model (keras.ops only) on padded frame features from
      a Parquet store + LRU cache, with missing-value channels, one shared augmentation recipe, a one-cycle
-     schedule that finishes, gradient accumulation, an OOM fallback, and network size, batch, epochs and
-     mixed precision decided by the device. No epoch or boosting round is ever chosen on the rows that
-     become out-of-fold predictions;
-  5. searches ensemble weights per route on out-of-fold probabilities (kept only when they beat equal
-     weights out of fold) and measures a per-subject assignment on a replay of the gateway;
+     schedule that finishes, gradient accumulation, an OOM fallback, and network size, batch, epochs, seeds
+     per fold and mixed precision decided by the device. No epoch or boosting round is ever chosen on the
+     rows that become out-of-fold predictions. With FULL_FIT (a GPU's default) every family is also refit
+     on all the data;
+  5. searches ensemble weights per route on out-of-fold probabilities for the decoding that turns them into
+     a gesture (18-way argmax, or 8 targets against the summed non-targets), kept only when they beat equal
+     weights out of fold, and measures a per-subject assignment on a replay of the gateway;
   6. saves models, config, feature version, library versions, out-of-fold predictions and a summary table;
   7. answers the test set through ``kaggle_evaluation`` when it is importable, else through a built-in
      loop that behaves like the gateway (one sequence at a time, random order) and writes submission.csv.
@@ -2787,7 +2789,8 @@ class KerasFoldTrainer:
                 step += 1
             lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
             probs = self.probabilities(x_valid, m_valid) if len(x_valid) else None
-            if keeper.end_epoch(float(np.mean(losses)) if losses else float("nan"), probs, self.probabilities, lr, time.perf_counter() - started, self.model.get_weights):
+            if keeper.end_epoch(float(np.mean(losses)) if losses else float("nan"), probs, self.probabilities, lr,
+                                time.perf_counter() - started, self.model.get_weights):
                 break
         result = keeper.result(epochs, self.model.get_weights)
         fold_network.set_weights(result.pop("state"))
@@ -3686,8 +3689,8 @@ def evaluate_per_subject(ensembles: dict[str, RouteEnsemble], results: list[Fami
     LOG.info("Per-subject assignment, test-like mix (%d%% IMU-only), %d random gateway orders: %.4f -> %.4f (%+.4f; "
              "spread over the orders %.4f, over resampled subjects %.4f): %s (%s)",
              round(100 * (1 - use_full[mask].mean())), orders, plain, plain + gain, gain, spread, subject_spread,
-             "on" if enabled else "off",
-             "ENSEMBLE_PER_SUBJECT" if setting is not None else "auto: on if the gain clears its spread over the orders")
+             "on" if enabled else "off", "ENSEMBLE_PER_SUBJECT" if setting is not None
+             else "auto: on if the gain clears its spread over the orders")
     final = runs[0][1] if enabled else runs[0][0]            # the answers predict() would give
     return {"enabled": bool(enabled), "plain_score": round(plain, 4), "assigned_score": round(plain + gain, 4),
             "gain": round(gain, 4), "noise": round(spread, 4), "subject_spread": round(subject_spread, 4),

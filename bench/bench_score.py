@@ -266,10 +266,13 @@ def table(results: list[dict], seeds: list[int], header: str) -> str:
         for name in decided[0]["holdout"]["decisions"]:
             lines.append(f"| {name} | {cell([oof_of[name](r) if name in oof_of else None for r in decided])} | "
                          f"{cell([r['holdout']['decisions'][name] for r in decided])} |")
-        lines += ["", "Chosen out of fold per seed: " + "; ".join(
-            f"{r['seed']}: {r['decisions']['decoding']} decoding, assignment gain {r['decisions']['per_subject']['gain']:+.4f}"
-            f" vs noise {r['decisions']['per_subject']['noise']:.4f} -> "
-            f"{'on' if r['decisions']['per_subject']['enabled'] else 'off'}" for r in sorted(decided, key=lambda r: r["seed"]))]
+        chosen_lines = []
+        for r in sorted(decided, key=lambda r: r["seed"]):
+            assignment = r["decisions"]["per_subject"]
+            chosen_lines.append(f"{r['seed']}: {r['decisions']['decoding']} decoding, assignment gain "
+                                f"{assignment['gain']:+.4f} vs noise {assignment['noise']:.4f} -> "
+                                f"{'on' if assignment['enabled'] else 'off'}")
+        lines += ["", "Chosen out of fold per seed: " + "; ".join(chosen_lines)]
     return "\n".join(lines)
 
 
