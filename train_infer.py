@@ -2,11 +2,14 @@
 
 What it does, top to bottom:
   1. finds the competition files (``--data-dir``, ``CMI_DATA_DIR``, the Kaggle input folders) or, when
-     there are none, writes a synthetic data set in the exact competition format and says so loudly;
+     there are none, writes a synthetic data set in the exact competition format (in the scratch folder,
+     which on Kaggle is outside the notebook's output) and says so loudly;
   2. validates the schema, joins demographics, mirrors left-handed subjects to right-handed;
   3. builds frame-level features with ONE function that ``predict()`` also uses (IMU physics: linear
      acceleration with gravity removed through the quaternion, angular velocity and distance, jerk;
-     thermopiles; ToF per sensor with -1 treated as missing), then per-sequence aggregates in polars;
+     thermopiles; ToF per sensor with -1 treated as missing), then per-sequence aggregates in polars. The
+     feature version saved with frames and models is computed from what this code outputs on a built-in probe,
+     so a comment edit never invalidates a model, and the frame store also records the data it was built from;
   4. cross-validates three model families (StratifiedGroupKFold by subject), each in two variants: IMU-only,
      answered for sequences whose thm/tof are null (half of the hidden test), and full-sensor. LightGBM on
      the aggregates; a Torch TimeSeriesNet and a Keras model (keras.ops only) on padded frame features from
@@ -18,9 +21,13 @@ What it does, top to bottom:
   5. searches ensemble weights per route on out-of-fold probabilities for the decoding that turns them into
      a gesture (18-way argmax, or 8 targets against the summed non-targets), kept only when they beat equal
      weights out of fold, and measures a per-subject assignment on a replay of the gateway;
-  6. saves models, config, feature version, library versions, out-of-fold predictions and a summary table;
-  7. answers the test set through ``kaggle_evaluation`` when it is importable, else through a built-in
-     loop that behaves like the gateway (one sequence at a time, random order) and writes submission.csv.
+  6. saves models, config, feature version, library versions, out-of-fold predictions, a summary table, the
+     confusion matrix and the deep models' training curves;
+  7. loads every model before the first answer (an interactive run stops on a file that fails, naming it; the
+     competition rerun reports it loudly and serves with the rest), then answers the test set through
+     ``kaggle_evaluation`` when it is importable, else through a built-in loop that behaves like the gateway
+     (one sequence at a time, random order) and writes submission.csv; the summary counts the answers each
+     family took part in and the fallbacks.
 
 Run ``python train_infer.py --help`` for the flags; every environment variable is listed in the README.
 Importing this module trains nothing, reads nothing and prints nothing: ``main()`` does the work.
@@ -28,12 +35,13 @@ Importing this module trains nothing, reads nothing and prints nothing: ``main()
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
+import copy
 import dataclasses
 import difflib
 import functools
 import hashlib
-import inspect
 import json
 import logging
 import math
@@ -46,6 +54,7 @@ import sys
 import tempfile
 import threading
 import time
+import zlib
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -168,12 +177,18 @@ def env_str(name: str, default: str | None) -> str | None:
     return default if raw is None else raw
 
 
+# On Kaggle everything under /kaggle/working becomes the notebook's output (the dataset an inference notebook
+# attaches); /kaggle/temp is writable and thrown away with the session.
+KAGGLE_OUTPUT_DIR = "/kaggle/working"
+KAGGLE_SCRATCH_DIR = "/kaggle/temp"
+
+
 def _on_kaggle() -> bool:
-    return Path("/kaggle/working").is_dir()
+    return Path(KAGGLE_OUTPUT_DIR).is_dir()
 
 
 def _default_output_dir() -> str:
-    return "/kaggle/working" if _on_kaggle() else "output"
+    return KAGGLE_OUTPUT_DIR if _on_kaggle() else "output"
 
 
 @dataclass
@@ -182,6 +197,7 @@ class Config:
     DATA_DIR: str | None = field(default_factory=lambda: env_str("CMI_DATA_DIR", None))          # competition CSVs; None = search Kaggle paths
     OUTPUT_PATH: str = field(default_factory=lambda: env_str("CMI_OUTPUT_DIR", _default_output_dir()))  # models, logs, submission
     MODEL_DIR: str | None = field(default_factory=lambda: env_str("CMI_MODEL_DIR", None))        # artifacts for --infer-only; None = OUTPUT_PATH
+    SCRATCH_DIR: str | None = field(default_factory=lambda: env_str("CMI_SCRATCH_DIR", None))    # frame store, synthetic data; None = /kaggle/temp on Kaggle, else OUTPUT_PATH
     SEED: int = field(default_factory=lambda: env_int("CMI_SEED", 42))                           # one seed for folds, models and synthetic data
     N_FOLDS: int = field(default_factory=lambda: env_int("CMI_N_FOLDS", 5, minimum=2))           # StratifiedGroupKFold splits, grouped by subject
     SYNTHETIC_SIZE: str = field(default_factory=lambda: env_choice("CMI_SYNTHETIC_SIZE", "demo", ("demo", "full")))  # synthetic set when no data
@@ -195,6 +211,19 @@ class Config:
     @property
     def model_dir(self) -> Path:
         return Path(self.MODEL_DIR or self.OUTPUT_PATH)
+
+    @property
+    def scratch_dir(self) -> Path:
+        """Data a run can rebuild (the frame store, synthetic data): kept out of Kaggle's output."""
+        if self.SCRATCH_DIR:
+            return Path(self.SCRATCH_DIR)
+        return Path(KAGGLE_SCRATCH_DIR) if _on_kaggle() else Path(self.OUTPUT_PATH)
+
+    @property
+    def frame_feature_dir(self) -> Path:
+        """The frame store: the notes' DLConfig.FRAME_FEATURE_DIR (4-1), one Parquet file per sequence, now in
+        the scratch folder."""
+        return self.scratch_dir / "frame_features"
 
 
 @dataclass
@@ -230,7 +259,6 @@ class FrameCacheConfig:
 @dataclass
 class DLConfig:
     """Torch TimeSeriesNet; defaults are the design notes' sections 1-1, 1-3 and 2-2."""
-    OUTPUT_PATH: str = field(default_factory=lambda: env_str("CMI_OUTPUT_DIR", _default_output_dir()))
     PAD_LEN_PERCENTILE: int = field(default_factory=lambda: env_int("DL_PAD_LEN_PERCENTILE", 95, minimum=1))  # used only without FIXED_PAD_LEN
     FIXED_PAD_LEN: int | None = field(default_factory=lambda: env_int("DL_FIXED_PAD_LEN", 90, minimum=0) or None)  # 0 = use the percentile
     BATCH_SIZE: int | None = field(default_factory=lambda: env_int("DL_BATCH_SIZE", None, minimum=1))  # micro-batch; None: by device (DEVICE_DEFAULTS)
@@ -244,10 +272,6 @@ class DLConfig:
     LEARNING_RATE: float = field(default_factory=lambda: env_float("DL_LR", 2e-3, minimum=1e-8))
     ES_PATIENCE: int = field(default_factory=lambda: env_int("TORCH_ES_PATIENCE", 6, minimum=1))      # notes 2-2; DEEP_SELECTION=inner only
     ES_MIN_DELTA: float = field(default_factory=lambda: env_float("TORCH_ES_MIN_DELTA", 1e-4, minimum=0.0))
-
-    @property
-    def FRAME_FEATURE_DIR(self) -> Path:  # noqa: N802 - the notes' name (4-1): one Parquet file per sequence
-        return Path(self.OUTPUT_PATH) / "frame_features"
 
 
 @dataclass
@@ -694,7 +718,7 @@ def locate_data_dir(cli_dir: str | None, cfg: Config, force_synthetic: bool, nee
     LOG.warning("Generating the %r synthetic set (CMI_SYNTHETIC_SIZE=demo|full) ...", size)
     LOG.warning("=" * 100)
     n_train, n_test = SYNTHETIC_SIZES[size]
-    folder = Path(cfg.OUTPUT_PATH) / f"synthetic_{size}"
+    folder = cfg.scratch_dir / f"synthetic_{size}"
     return generate_synthetic_competition_data(folder, n_train, n_test, seed=cfg.SEED), True
 
 
@@ -855,17 +879,21 @@ class SequenceFrames:
     offsets: np.ndarray          # (n_sequences + 1,) row offsets into values
     values: np.ndarray           # (n_frames, len(FRAME_FEATURES)) float32, NaN = missing
     mirror_left_handed: bool
+    fingerprint: str             # of the raw data the frames came from (data_fingerprint)
 
     @classmethod
     def from_table(cls, train: pl.DataFrame, mirror_left_handed: bool) -> "SequenceFrames":
         """The training table (rows grouped by sequence_id, in counter order, as load_train_data sorts it)."""
         starts = _sequence_starts(train)
-        values = frame_feature_matrix(sensor_matrix(train), starts, _left_handed_rows(train, mirror_left_handed))
         first_rows = np.flatnonzero(starts)
         ids = train["sequence_id"].gather(first_rows).to_list()
         if len(set(ids)) != len(ids):
             raise ValueError("the training rows of a sequence are not contiguous: sort by sequence_id first")
-        return cls(ids, np.append(first_rows, train.height), values, mirror_left_handed)
+        offsets = np.append(first_rows, train.height)
+        raw, left_handed = sensor_matrix(train), _left_handed_rows(train, mirror_left_handed)
+        fingerprint = data_fingerprint(ids, np.diff(offsets), raw, left_handed)   # before mirroring changes raw
+        values = frame_feature_matrix(raw, starts, left_handed)
+        return cls(ids, offsets, values, mirror_left_handed, fingerprint)
 
     @property
     def lengths(self) -> np.ndarray:
@@ -881,6 +909,26 @@ class SequenceFrames:
         """sequence_id + FRAME_FEATURES, NaN as null: what build_frame_features gives for the whole table."""
         ids = pl.Series("sequence_id", self.ids).gather(np.repeat(np.arange(len(self.ids)), self.lengths))
         return frame_table(self.values).insert_column(0, ids)
+
+
+def data_fingerprint(ids: Sequence[str], lengths: np.ndarray, raw: np.ndarray, left_handed: np.ndarray | None) -> str:
+    """What a frame store was built from: every sequence id and length, every raw reading (NaN = missing) and
+    which rows were mirrored. Real and synthetic data share one id format (SEQ_000123), so ids and lengths
+    alone cannot tell two data sets apart; one changed reading changes this. ~0.5 s for the real train.csv."""
+    digest = hashlib.sha256("\n".join(ids).encode())
+    digest.update(np.ascontiguousarray(lengths, dtype=np.int64).tobytes())
+    digest.update(np.ascontiguousarray(raw, dtype=np.float32))                 # sensor_matrix: one NaN pattern
+    digest.update(b"no mirroring" if left_handed is None else np.packbits(left_handed).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def table_fingerprint(train: pl.DataFrame, mirror_left_handed: bool) -> str:
+    """data_fingerprint of a training table, for a store filled without the run's frame pass."""
+    starts = _sequence_starts(train)
+    first_rows = np.flatnonzero(starts)
+    return data_fingerprint(train["sequence_id"].gather(first_rows).to_list(),
+                            np.diff(np.append(first_rows, train.height)), sensor_matrix(train),
+                            _left_handed_rows(train, mirror_left_handed))
 
 
 def frame_features_from_raw(raw: np.ndarray, starts: np.ndarray, left_handed: np.ndarray | None) -> pl.DataFrame:
@@ -1024,30 +1072,121 @@ def feature_columns(variant: str) -> list[str]:
     return names + DEMOGRAPHIC_FEATURES
 
 
-def _source_fingerprint(*objects: Any) -> str:
-    parts = []
-    for obj in objects:
-        try:
-            parts.append(inspect.getsource(obj))
-        except (OSError, TypeError):                      # no source (frozen, some notebooks): the bytecode
-            code = getattr(obj, "__code__", None)
-            parts.append(repr(code.co_code + repr(code.co_consts).encode()) if code else repr(obj))
-    return "\n".join(parts)
+# ── Feature version: what the features compute on a fixed probe, not the text of their code ─────────────
+# Saved frames (the store) and saved models (artifacts.json) record the version they were built with. It is
+# derived from numbers: the feature code runs on a small built-in table, and per output column the probe keeps
+# a few sums. A comment or docstring edit leaves them unchanged; any change to a number a model reads changes
+# them. The hash of the rounded sums is the version's name; the sums themselves travel with it, because two
+# machines or library builds may round a sum to different last digits, and that must not count as new features.
+
+PROBE_LENGTHS = (40, 100, 50, 6)       # the second sequence is longer than PROBE_PAD_LEN
+PROBE_PAD_LEN = 64
+PROBE_TOLERANCE = 1e-4                 # a column's sums may differ by this share of its absolute sum
+FEATURE_SCOPES = ("frames", "models")  # frames: the store's; models: everything a saved model reads
+
+
+def feature_probe_table() -> pl.DataFrame:
+    """Four sequences in the training table's format that take every path of the feature code: right-handed
+    with ToF pixels at -1 and a blind ToF sensor; left-handed (mirrored) and longer than PROBE_PAD_LEN;
+    IMU-only (thm and ToF null) with null rotation rows; short, with one thermopile and one ToF sensor null.
+    Readings come from integer patterns, not a random generator, so every machine builds the same table."""
+    rows = np.arange(sum(PROBE_LENGTHS), dtype=np.float64)
+    raw = np.empty((len(rows), len(SENSOR_COLUMNS)))
+    raw[:, 0] = ((rows * 7 + 3) % 23 - 11) / 4
+    raw[:, 1] = ((rows * 5 + 1) % 19 - 9) / 4
+    raw[:, 2] = GRAVITY + ((rows * 3) % 7 - 3) / 8
+    raw[:, 3] = 1.0 - (rows % 5) / 20
+    for k, (step, size) in enumerate(((3, 11), (5, 13), (7, 17))):
+        raw[:, 4 + k] = ((rows * step) % size - size // 2) / 40
+    for k in range(5):
+        raw[:, 7 + k] = 24 + ((rows * (k + 2)) % 9) / 4
+    pixels = np.arange(320, dtype=np.float64)
+    tof = (rows[:, None] * 13 + pixels[None, :] * 7) % 260 - 5          # 0..254, and -1 for "no reflection"
+    raw[:, 12:] = np.where(tof < 0, -1.0, tof)
+    bounds = np.cumsum((0,) + PROBE_LENGTHS)
+    first, second, third, fourth = (slice(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:]))
+    raw[first.start + 10:first.start + 20, 12 + 3 * 64:12 + 4 * 64] = -1.0   # ToF sensor 4 sees nothing
+    raw[third, 7:] = np.nan                                                   # IMU-only sequence
+    raw[third.start + 5:third.start + 9, 3:7] = np.nan                       # rotation dropped out
+    raw[fourth, 7 + 2] = np.nan                                               # thm_3 null
+    raw[fourth, 12 + 64:12 + 2 * 64] = np.nan                                # ToF sensor 2 null
+    ids = np.repeat([f"PROBE_{i}" for i in range(len(PROBE_LENGTHS))], PROBE_LENGTHS)
+    handedness = np.repeat([1, 0, 1, 1], PROBE_LENGTHS)
+    table = pl.DataFrame({"sequence_id": ids, "handedness": handedness})
+    sensors = pl.DataFrame(raw.astype(np.float32), schema=SENSOR_COLUMNS, orient="row", nan_to_null=True)
+    return table.hstack(sensors)
+
+
+def _column_sums(block: np.ndarray) -> np.ndarray:
+    """(rows x columns) -> per column: missing count, sum, position-weighted sum, absolute sum."""
+    block = np.asarray(block, dtype=np.float64)
+    weights = (np.arange(len(block)) % 7 + 1)[:, None]
+    return np.stack([np.isnan(block).sum(axis=0), np.nansum(block, axis=0), np.nansum(block * weights, axis=0),
+                     np.nansum(np.abs(block), axis=0)], axis=1)
+
+
+@functools.lru_cache(maxsize=4)
+def feature_probe(mirror_left_handed: bool, scope: str) -> tuple[str, np.ndarray]:
+    """(version, per-column sums) of the feature code on the probe. frames: the frame features; models: also
+    the LightGBM aggregates and each deep variant's padded channels."""
+    if scope not in FEATURE_SCOPES:
+        raise ValueError(f"unknown feature scope {scope!r}")
+    frames = SequenceFrames.from_table(feature_probe_table(), mirror_left_handed)
+    blocks = [frames.values]
+    names: list[Any] = [FRAME_FEATURES, mirror_left_handed]
+    if scope == "models":
+        blocks.append(aggregate_features(frames.table()).drop("sequence_id").to_numpy())
+        for variant in VARIANTS:
+            blocks += [pad_last_frames(deep_frame_channels(frames.sequence(i), variant), PROBE_PAD_LEN)[0]
+                       for i in range(len(frames.ids))]
+            names.append(deep_channels(variant))
+        names += [aggregate_names(), DEMOGRAPHIC_FEATURES]
+    sums = np.concatenate([_column_sums(block) for block in blocks])
+    rounded = [f"{value:.4g}" for value in sums.ravel()]
+    version = hashlib.sha256(json.dumps([names, rounded]).encode()).hexdigest()[:16]
+    return version, sums
+
+
+def feature_record(mirror_left_handed: bool, scope: str) -> dict[str, Any]:
+    """What a manifest saves about its features: the version and the probe's sums (base64 of zlib'd float64)."""
+    version, sums = feature_probe(mirror_left_handed, scope)
+    packed = base64.b64encode(zlib.compress(sums.astype("<f8").tobytes())).decode()
+    return {"feature_version": version, "feature_probe": packed}
+
+
+def feature_mismatch(saved: dict[str, Any], mirror_left_handed: bool, scope: str) -> str | None:
+    """None when a manifest's features are what this script computes, else what differs. Another version name
+    with sums that agree within PROBE_TOLERANCE is the same features rounded on another machine."""
+    version, sums = feature_probe(mirror_left_handed, scope)
+    found = saved.get("feature_version")
+    if found == version:
+        return None
+    try:
+        other = np.frombuffer(zlib.decompress(base64.b64decode(saved["feature_probe"])), dtype="<f8")
+    except (KeyError, TypeError, ValueError, zlib.error):
+        return f"feature version {found}, this script computes {version} (no readable probe to compare)"
+    if other.shape == sums.ravel().shape:
+        other = other.reshape(sums.shape)
+        scale = PROBE_TOLERANCE * (sums[:, 3:] + 1.0)
+        close = ((other[:, 0] == sums[:, 0]) & (np.abs(other[:, 1:3] - sums[:, 1:3]) <= scale * [1, 7]).all(axis=1)
+                 & (np.abs(other[:, 3] - sums[:, 3]) <= scale[:, 0]))
+        if close.all():
+            LOG.info("Feature version %s was saved, this script names it %s: the probe agrees within %g (the same "
+                     "features, rounded on another machine)", found, version, PROBE_TOLERANCE)
+            return None
+        return (f"feature version {found}, this script computes {version}: {int((~close).sum())} of {len(close)} "
+                "probe columns differ")
+    return f"feature version {found}, this script computes {version}: another number of feature columns"
 
 
 def frame_feature_version(mirror_left_handed: bool) -> str:
-    """Hash of the frame-feature code, its column list and the settings that change frames."""
-    text = _source_fingerprint(sensor_matrix, _mirror_raw_inplace, build_frame_features, frame_feature_matrix,
-                               frame_features_from_raw, frame_table, _tof_frame_stats, quat_rotate, quat_to_rotvec, quat_mul)
-    text += json.dumps([FRAME_FEATURES, mirror_left_handed])
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    """The version of the frame features alone (the frame store's)."""
+    return feature_probe(mirror_left_handed, "frames")[0]
 
 
 def feature_version(mirror_left_handed: bool) -> str:
-    """Hash of everything LightGBM's inputs depend on: frame features, then the aggregates."""
-    text = frame_feature_version(mirror_left_handed) + _source_fingerprint(aggregate_expressions)
-    text += json.dumps([aggregate_names(), GESTURE_TAIL, DEMOGRAPHIC_FEATURES])
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    """The version of everything a saved model reads: frames, aggregates, deep channels."""
+    return feature_probe(mirror_left_handed, "models")[0]
 
 
 def build_feature_table(train: pl.DataFrame, mirror_left_handed: bool, frames: SequenceFrames | None = None
@@ -1077,11 +1216,12 @@ FRAME_STORE_MANIFEST = "_manifest.json"
 
 
 class FrameFeatureStore:
-    """A folder of ``<sequence_id>.parquet`` frame tables plus a manifest naming the feature version.
+    """A folder of ``<sequence_id>.parquet`` frame tables plus a manifest naming the feature version and the
+    data they were computed from.
 
     Files are written to a temporary name and renamed, so a reader never sees a partial file; a file
-    that fails to read is logged, recomputed and rewritten; a store whose manifest names another
-    feature version is emptied and rebuilt, never served.
+    that fails to read is logged, recomputed and rewritten; a store whose manifest names other features,
+    other data or no manifest at all is emptied and rebuilt (the log says why), never served.
     """
 
     def __init__(self, folder: Path, mirror_left_handed: bool = True) -> None:
@@ -1092,27 +1232,38 @@ class FrameFeatureStore:
     def path(self, sequence_id: str) -> Path:
         return self.folder / f"{sequence_id}.parquet"
 
-    def _manifest(self) -> dict[str, Any]:
-        return {"feature_version": self.version, "columns": FRAME_FEATURES, "mirror_left_handed": self.mirror}
+    def _stale_reason(self, found: dict[str, Any], data: str) -> str | None:
+        """Why a manifest's files cannot be served for this data and feature code (None: they can)."""
+        if found.get("columns") != FRAME_FEATURES or found.get("mirror_left_handed") != self.mirror:
+            return "was built with other frame columns or another mirroring setting"
+        mismatch = feature_mismatch(found, self.mirror, "frames")
+        if mismatch:
+            return f"holds {mismatch}"
+        if found.get("data_fingerprint") != data:
+            return (f"was built from other data (fingerprint {found.get('data_fingerprint')}, this data's is "
+                    f"{data})")
+        return None
 
-    def open(self) -> None:
-        """Create the folder, or empty it (saying why) when its files were built by other feature code."""
+    def open(self, data: str) -> None:
+        """Create the folder for the data whose data_fingerprint is ``data``, or empty it (saying why) when
+        its files were built from other data or by other feature code."""
         manifest_path = self.folder / FRAME_STORE_MANIFEST
         if manifest_path.is_file():
             try:
-                found = json.loads(manifest_path.read_text(encoding="utf-8"))
-            except (OSError, json.JSONDecodeError) as exc:
-                found = {"feature_version": f"unreadable manifest ({exc})"}
-            if found == self._manifest():
+                reason = self._stale_reason(json.loads(manifest_path.read_text(encoding="utf-8")), data)
+            except (OSError, json.JSONDecodeError, AttributeError) as exc:
+                reason = f"has an unreadable manifest ({exc})"
+            if reason is None:
                 return
-            LOG.warning("Frame store %s holds feature version %s, this script computes %s: rebuilding it",
-                        self.folder, found.get("feature_version"), self.version)
+            LOG.warning("Frame store %s %s: rebuilding it", self.folder, reason)
             self.clear()
         elif self.folder.is_dir() and any(self.folder.glob("*.parquet")):
             LOG.warning("Frame store %s has files but no manifest: rebuilding it", self.folder)
             self.clear()
         self.folder.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(manifest_path, json.dumps(self._manifest(), indent=2))
+        manifest = {**feature_record(self.mirror, "frames"), "columns": FRAME_FEATURES,
+                    "mirror_left_handed": self.mirror, "data_fingerprint": data}
+        _atomic_write_text(manifest_path, json.dumps(manifest, indent=1))
 
     def clear(self) -> None:
         for path in list(self.folder.glob("*.parquet")) + list(self.folder.glob(".*.tmp")):
@@ -1173,7 +1324,7 @@ def build_frame_feature_store(train: pl.DataFrame, store: FrameFeatureStore, wor
     started = time.perf_counter()
     if frames is not None and frames.mirror_left_handed != store.mirror:
         raise ValueError(f"frames mirrored={frames.mirror_left_handed} cannot fill a store with mirror={store.mirror}")
-    store.open()
+    store.open(frames.fingerprint if frames is not None else table_fingerprint(train, store.mirror))
     lengths = train.group_by("sequence_id", maintain_order=True).len()
     with ThreadPoolExecutor(max(workers, 1)) as pool:         # footer reads release the GIL
         valid = list(pool.map(lambda row: store.is_valid(*row), lengths.iter_rows()))
@@ -2323,27 +2474,38 @@ def cross_validate_deep(family: str, variant: str, inputs: DeepInputs, sequences
     channels = deep_channels(variant)
     oof = np.full((len(y), len(GESTURES)), np.nan)
     oof_chosen = np.full_like(oof, np.nan)
-    fold_metrics, paths, epoch_log = [], [], []
+    fold_metrics, paths, refit_paths, epoch_log = [], [], [], []
+
+    def train_seeds(fold: int, fit_idx: np.ndarray, valid_idx: np.ndarray, watch_idx: np.ndarray, n_epochs: int,
+                    first_seed: int) -> list[dict[str, Any]]:
+        """``seeds`` models on the fit rows (fold -1: the full-data refit, no out-of-fold rows), each with its
+        own initialisation, dropout and augmentation draws; the standardisation statistics are the rows'."""
+        part, name = (f"f{fold}", f"fold{fold}") if fold >= 0 else ("all", "full")
+        x_va, m_va = inputs.take(variant, pad_len, valid_idx)
+        shared = DeepFoldData(*inputs.take(variant, pad_len, fit_idx), y[fit_idx], channels, recipe, first_seed)
+        watch = watch_set(inputs, variant, pad_len, watch_idx, shared, y, eval_mask)
+        results = []
+        for seed_index in range(seeds):
+            model_start = time.perf_counter()
+            data = copy.copy(shared)                            # the same arrays and statistics, another seed
+            data.seed = first_seed + SEED_STRIDE * seed_index
+            label = f"{family} {variant} {part}" + (f" s{seed_index}" if seeds > 1 else "")
+            result = fit_model(DeepJob(data, x_va, m_va, y[valid_idx], eval_mask[valid_idx], watch, data.seed,
+                                       n_epochs, label, deep_model_name(family, variant, name, seed_index)))
+            results.append(result | {"label": label, "seconds": time.perf_counter() - model_start})
+            epoch_log.extend({"family": family, "variant": variant, "fold": fold, "seed": seed_index} | row
+                             for row in result["history"])
+        return results
+
     n_folds = int(folds.max()) + 1
     for fold in (range(n_folds) if only_folds is None else only_folds):     # only_folds: for bench/
         train_idx, valid_idx, watch_idx = deep_fold_rows(sequences, folds, fold, recipe, seed)
-        x_tr, m_tr = inputs.take(variant, pad_len, train_idx)
-        x_va, m_va = inputs.take(variant, pad_len, valid_idx)
-        kept = []
-        for seed_index in range(seeds):
-            model_start = time.perf_counter()
-            data = DeepFoldData(x_tr, m_tr, y[train_idx], channels, recipe, seed + fold + SEED_STRIDE * seed_index)
-            label = f"{family} {variant} f{fold}" + (f" s{seed_index}" if seeds > 1 else "")
-            result = fit_model(DeepJob(data, x_va, m_va, y[valid_idx], eval_mask[valid_idx],
-                                       watch_set(inputs, variant, pad_len, watch_idx, data, y, eval_mask), data.seed,
-                                       epochs, label, deep_model_name(family, variant, f"fold{fold}", seed_index)))
-            kept.append(result)
+        kept = train_seeds(fold, train_idx, valid_idx, watch_idx, epochs, seed + fold)
+        for seed_index, result in enumerate(kept):
             paths.append(result["path"])
-            epoch_log += [{"family": family, "variant": variant, "fold": fold, "seed": seed_index} | row
-                          for row in result["history"]]
-            fold_metrics.append(deep_fold_summary(family, variant, fold, label, len(train_idx),
-                                                  int(eval_mask[valid_idx].sum()), result,
-                                                  time.perf_counter() - model_start) | {"seed": seed_index})
+            fold_metrics.append(deep_fold_summary(family, variant, fold, result["label"], len(train_idx),
+                                                  int(eval_mask[valid_idx].sum()), result, result["seconds"])
+                                | {"seed": seed_index})
         oof[valid_idx] = np.mean([r["probs"] for r in kept], axis=0)
         oof_chosen[valid_idx] = np.mean([r["oof_chosen"]["probs"] for r in kept], axis=0)
         if seeds > 1:
@@ -2351,25 +2513,15 @@ def cross_validate_deep(family: str, variant: str, inputs: DeepInputs, sequences
             LOG.info("%s %s f%d: %d seeds averaged, score %.4f (single seeds %s)", family, variant, fold, seeds,
                      score_probabilities(y[scored], oof[scored]).score,
                      ", ".join(f"{r['score'].score:.4f}" for r in kept))
-    refit_paths = []
     if full_fit:
         refit_epochs = epochs if recipe.SELECTION == "fixed" else max(1, round(float(np.mean(
             [m["best_iteration"] for m in fold_metrics]))))
-        everyone, nobody = np.arange(len(y)), np.zeros(0, dtype=np.int64)
-        x_all, m_all = inputs.take(variant, pad_len, everyone)
-        x_none, m_none = inputs.take(variant, pad_len, nobody)
-        for seed_index in range(seeds):
-            model_start = time.perf_counter()
-            data = DeepFoldData(x_all, m_all, y, channels, recipe, seed + n_folds + SEED_STRIDE * seed_index)
-            label = f"{family} {variant} all" + (f" s{seed_index}" if seeds > 1 else "")
-            result = fit_model(DeepJob(data, x_none, m_none, y[nobody], eval_mask[nobody], None, data.seed,
-                                       refit_epochs, label, deep_model_name(family, variant, "full", seed_index)))
+        nobody = np.zeros(0, dtype=np.int64)
+        for result in train_seeds(-1, np.arange(len(y)), nobody, nobody, refit_epochs, seed + n_folds):
             refit_paths.append(result["path"])
-            epoch_log += [{"family": family, "variant": variant, "fold": -1, "seed": seed_index} | row
-                          for row in result["history"]]
-            LOG.info("%s: full-data refit on all %d sequences, %d epochs (%s), %.1f s", label, len(y), refit_epochs,
-                     "fixed" if recipe.SELECTION == "fixed" else "the folds' mean kept epoch",
-                     time.perf_counter() - model_start)
+            LOG.info("%s: full-data refit on all %d sequences, %d epochs (%s), %.1f s", result["label"], len(y),
+                     refit_epochs, "fixed" if recipe.SELECTION == "fixed" else "the folds' mean kept epoch",
+                     result["seconds"])
     return finish_deep_family(family, variant, y, oof, oof_chosen, eval_mask, channels, paths, fold_metrics,
                               epoch_log, started, refit_paths)
 
@@ -3145,7 +3297,7 @@ def write_artifact_manifest(model_dir: Path, settings: Settings, results: list[F
             "models": r.model_paths, "refit_models": r.refit_paths, "features": r.feature_columns,
             "oof_score": None if r.overall is None else dataclasses.asdict(r.overall)}
     manifest = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "classes": list(GESTURES),
-                "feature_version": feature_version(settings.cfg.MIRROR_LEFT_HANDED),
+                **feature_record(settings.cfg.MIRROR_LEFT_HANDED, "models"),
                 "mirror_left_handed": settings.cfg.MIRROR_LEFT_HANDED, "families": families,
                 "demographic_defaults": demographic_defaults, "config": settings.to_dict(),
                 "library_versions": library_versions(), "machine": machine_description()} | extra
@@ -3175,21 +3327,17 @@ class _ThrottledWarnings:
 class GesturePredictor:
     """Loaded artifacts plus the per-sequence path: sanitize -> frame features -> aggregates -> models."""
 
-    def __init__(self, model_dir: Path, warnings: _ThrottledWarnings) -> None:
+    def __init__(self, model_dir: Path, warnings: _ThrottledWarnings, strict: bool = False) -> None:
+        """``strict``: stop (ConfigError) on features that differ or a model file that fails to load, as an
+        interactive run should; otherwise report each loudly, once, and serve with what loaded."""
         self.model_dir = Path(model_dir)
         self.warnings = warnings
         manifest_path = self.model_dir / ARTIFACT_MANIFEST
-        if not manifest_path.is_file():
-            raise FileNotFoundError(f"no {ARTIFACT_MANIFEST} in {self.model_dir} (train first, or set CMI_MODEL_DIR)")
-        self.manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        self.manifest = read_artifact_manifest(self.model_dir)
         if self.manifest.get("classes") != list(GESTURES):
             raise ValueError(f"{manifest_path}: class list differs from this script's 18 gestures")
         self.mirror = bool(self.manifest.get("mirror_left_handed", True))
-        current = feature_version(self.mirror)
-        if self.manifest.get("feature_version") != current:
-            LOG.warning("Artifacts in %s were built with feature version %s, this script computes %s: "
-                        "models whose feature columns no longer exist are skipped",
-                        self.model_dir, self.manifest.get("feature_version"), current)
+        check_model_features(self.manifest, self.mirror, manifest_path, strict)
         self.defaults = {k: float(v) for k, v in self.manifest.get("demographic_defaults", {}).items()}
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="predict")
         # {route: {family: weight}} from the training run's weight search; missing = equal weights.
@@ -3206,16 +3354,24 @@ class GesturePredictor:
                          if enabled else None)
         LOG.info("Ensemble weights %s; %s decoding; per-subject assignment %s", self.weights or "equal",
                  self.decoding, "on" if self.assigner else "off")
-        # {variant: [(family, loaded family)]}: a family that fails to load is skipped, with a warning.
+        # {variant: [(family, loaded family)]}. Strict: a family that fails to load stops the run, naming its
+        # file. Otherwise (the competition rerun) it is reported once, loudly, and the others serve.
         self.models: dict[str, list[tuple[str, Any]]] = {v: [] for v in VARIANTS}
+        self.load_failures: list[str] = []
         for family, variants in self.manifest.get("families", {}).items():
             for variant, spec in variants.items():
                 try:
                     self.models[variant].append((family, self._load_family(family, spec)))
                 except Exception as exc:               # one broken family must not take the others down
-                    LOG.warning("Could not load %s/%s from %s: %s", family, variant, self.model_dir, exc)
+                    message = f"{family}/{variant} could not be loaded: {type(exc).__name__}: {exc}"
+                    if strict:
+                        raise ConfigError(f"{message} (--infer-only loads every model before answering)") from exc
+                    self.load_failures.append(message)
+                    report_loudly(f"{message}; predict() answers without it")
         if not any(self.models.values()):
             raise RuntimeError(f"no model could be loaded from {self.model_dir}")
+        # Answers each family took part in ("lgbm/full": n), for the run summary.
+        self.family_answers: dict[str, int] = {}
         LOG.info("Loaded models from %s: %s", self.model_dir,
                  {v: [f"{fam} x{len(m.models)}" for fam, m in entries] for v, entries in self.models.items()})
 
@@ -3322,6 +3478,9 @@ class GesturePredictor:
                                                      f"({type(exc).__name__}: {exc})")
         if not outcomes:
             raise RuntimeError(f"every model family of the {variant} route failed on this sequence")
+        for name, _ in outcomes:
+            key = f"{name}/{variant}"
+            self.family_answers[key] = self.family_answers.get(key, 0) + 1
         weights = np.array([self.weights.get(variant, {}).get(name, 1.0) for name, _ in outcomes])
         if weights.sum() <= 0:
             weights = np.ones(len(outcomes))
@@ -3377,6 +3536,19 @@ def member_weights(n_fold_models: int, n_refit_models: int) -> np.ndarray:
     return np.concatenate([np.full(n_fold_models, 0.5 / n_fold_models), np.full(n_refit_models, 0.5 / n_refit_models)])
 
 
+def load_each(paths: Sequence[Path], loader: Callable[[Path], Any]) -> list[Any]:
+    """Every model file of a family, loaded; an error names the file that is missing or fails."""
+    loaded = []
+    for path in paths:
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing")
+        try:
+            loaded.append(loader(path))
+        except Exception as exc:
+            raise ValueError(f"{path} cannot be loaded ({type(exc).__name__}: {str(exc)[:300]})") from exc
+    return loaded
+
+
 class LgbmFamily:
     """LightGBM boosters of one variant (one per fold, and the full-data refit), reading their columns of the
     aggregate row."""
@@ -3392,7 +3564,7 @@ class LgbmFamily:
     @classmethod
     def load(cls, folds: list[Path], refits: list[Path], columns: list[str]) -> "LgbmFamily":
         import lightgbm as lgb
-        return cls([lgb.Booster(model_file=str(p)) for p in folds + refits], columns,
+        return cls(load_each(folds + refits, lambda p: lgb.Booster(model_file=str(p))), columns,
                    member_weights(len(folds), len(refits)))
 
     def predict(self, inputs: SequenceInputs) -> np.ndarray:
@@ -3435,8 +3607,8 @@ class TorchFamily:
     def load(cls, folds: list[Path], refits: list[Path], columns: list[str]) -> "TorchFamily":
         import torch
         # weights_only: a checkpoint holds tensors and plain values, nothing that runs code when unpickled.
-        return cls([torch.load(p, map_location="cpu", weights_only=True) for p in folds + refits], columns,
-                   member_weights(len(folds), len(refits)))
+        return cls(load_each(folds + refits, lambda p: torch.load(p, map_location="cpu", weights_only=True)),
+                   columns, member_weights(len(folds), len(refits)))
 
     def predict(self, inputs: SequenceInputs) -> np.ndarray:
         channels = inputs.channels(self.variant)
@@ -3502,7 +3674,8 @@ class KerasFamily:
         keras_backend_and_gpu()                            # quiet import; TensorFlow GPU memory growth before any op
         import keras
         keras_layers()                                     # register the custom layers for deserialisation
-        return cls([keras.saving.load_model(p, compile=False) for p in folds + refits], columns, len(refits))
+        return cls(load_each(folds + refits, lambda p: keras.saving.load_model(p, compile=False)), columns,
+                   len(refits))
 
     def predict(self, inputs: SequenceInputs) -> np.ndarray:
         x, mask = pad_last_frames(inputs.channels(self.variant), self.pad_len)
@@ -3511,14 +3684,14 @@ class KerasFamily:
 
 _PREDICTOR_LOCK = threading.Lock()
 _PREDICTOR_STATE: dict[str, Any] = {"model_dir": None, "predictor": None, "error": None,
-                                    "warnings": _ThrottledWarnings()}
+                                    "warnings": _ThrottledWarnings(), "answers": 0, "fallbacks": 0}
 
 
 def configure_inference(model_dir: str | Path | None) -> None:
     """Point predict() at an artifact folder and drop anything loaded before (also resets warnings)."""
     with _PREDICTOR_LOCK:
         _PREDICTOR_STATE.update(model_dir=None if model_dir is None else Path(model_dir), predictor=None,
-                                error=None, warnings=_ThrottledWarnings())
+                                error=None, warnings=_ThrottledWarnings(), answers=0, fallbacks=0)
 
 
 def _default_model_dir() -> Path:
@@ -3528,18 +3701,30 @@ def _default_model_dir() -> Path:
     return Path(env_str("CMI_OUTPUT_DIR", _default_output_dir()))
 
 
-def _get_predictor() -> GesturePredictor:
+def _get_predictor(strict: bool = False) -> GesturePredictor:
+    """The loaded models (loaded on the first call). ``strict``: see GesturePredictor; run() loads strictly,
+    before the first answer, everywhere but in the competition rerun."""
     with _PREDICTOR_LOCK:
         if _PREDICTOR_STATE["predictor"] is None:
             if _PREDICTOR_STATE["error"] is not None:         # do not retry a failed load 3,500 times
                 raise RuntimeError(_PREDICTOR_STATE["error"])
             model_dir = _PREDICTOR_STATE["model_dir"] or _default_model_dir()
             try:
-                _PREDICTOR_STATE["predictor"] = GesturePredictor(model_dir, _PREDICTOR_STATE["warnings"])
+                _PREDICTOR_STATE["predictor"] = GesturePredictor(model_dir, _PREDICTOR_STATE["warnings"], strict)
             except Exception as exc:
                 _PREDICTOR_STATE["error"] = f"loading models from {model_dir} failed: {exc}"
+                if not strict:
+                    report_loudly(f"{_PREDICTOR_STATE['error']}: EVERY answer will be {DEFAULT_GESTURE!r}")
                 raise
         return _PREDICTOR_STATE["predictor"]
+
+
+def answer_counts() -> dict[str, Any]:
+    """How predict() has answered since configure_inference: in all, with each family, and by the fallback."""
+    predictor = _PREDICTOR_STATE["predictor"]
+    return {"answers": _PREDICTOR_STATE["answers"], "fallbacks": _PREDICTOR_STATE["fallbacks"],
+            "by_family": dict(sorted(predictor.family_answers.items())) if predictor else {},
+            "load_failures": predictor.load_failures if predictor else [_PREDICTOR_STATE["error"]]}
 
 
 def predict(sequence: pl.DataFrame, demographics: pl.DataFrame) -> str:
@@ -3553,8 +3738,12 @@ def predict(sequence: pl.DataFrame, demographics: pl.DataFrame) -> str:
         probs, _ = predictor.predict_proba(sequence, demographics)
         if not np.all(np.isfinite(probs)):
             raise ValueError("model probabilities are not finite")
-        return GESTURES[predictor.answer(sequence, probs)]
+        gesture = GESTURES[predictor.answer(sequence, probs)]
+        _PREDICTOR_STATE["answers"] += 1
+        return gesture
     except Exception as exc:
+        _PREDICTOR_STATE["answers"] += 1
+        _PREDICTOR_STATE["fallbacks"] += 1
         _PREDICTOR_STATE["warnings"].warn("fallback", f"answering {DEFAULT_GESTURE!r} after "
                                                       f"{type(exc).__name__}: {exc}")
         return DEFAULT_GESTURE
@@ -3588,10 +3777,10 @@ def run_inference(data_dir: Path, output_dir: Path, seed: int) -> dict[str, Any]
         if os.environ.get("KAGGLE_IS_COMPETITION_RERUN"):
             LOG.info("KAGGLE_IS_COMPETITION_RERUN is set: serving predict() to the competition gateway")
             server.serve()
-            return {"mode": "serve"}
+            return {"mode": "serve", **answer_counts()}
         LOG.info("kaggle_evaluation found: running its local gateway on %s", test_csv)
         server.run_local_gateway(data_paths=(str(test_csv), str(demo_csv)))
-        return {"mode": "kaggle_local_gateway", "submission": "submission.parquet"}
+        return {"mode": "kaggle_local_gateway", "submission": "submission.parquet", **answer_counts()}
 
     LOG.info("kaggle_evaluation is not importable: built-in gateway loop over %s (random order)", test_csv)
     test = read_competition_csv(test_csv, TEST_COLUMNS)
@@ -3619,8 +3808,8 @@ def run_inference(data_dir: Path, output_dir: Path, seed: int) -> dict[str, Any]
              "predict_ms_first": round(float(ms[0]), 1) if len(ms) else None,
              "predict_ms_p50": round(float(np.percentile(ms[1:] if len(ms) > 1 else ms, 50)), 2) if len(ms) else None,
              "predict_ms_p95": round(float(np.percentile(ms[1:] if len(ms) > 1 else ms, 95)), 2) if len(ms) else None,
-             "warnings": _PREDICTOR_STATE["warnings"].summary()}
-    LOG.info("Wrote %s (%d sequences); predict() first call %.0f ms (loads models), then p50 %.1f ms, p95 %.1f ms",
+             "warnings": _PREDICTOR_STATE["warnings"].summary(), **answer_counts()}
+    LOG.info("Wrote %s (%d sequences); predict() first call %.0f ms, then p50 %.1f ms, p95 %.1f ms",
              path, len(answers), stats["predict_ms_first"] or 0, stats["predict_ms_p50"] or 0,
              stats["predict_ms_p95"] or 0)
     if stats["warnings"]:
@@ -3705,12 +3894,8 @@ def save_confusion_matrix(model_dir: Path, y: np.ndarray, predicted: np.ndarray,
     np.add.at(counts, (y[mask], predicted), 1)
     table = pl.DataFrame({"true_gesture": list(GESTURES)} | {g: counts[:, j] for j, g in enumerate(GESTURES)})
     _atomic_write(model_dir / "confusion_matrix.csv", lambda tmp: table.write_csv(tmp))
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        LOG.info("matplotlib is not installed: confusion_matrix.png skipped (confusion_matrix.csv has the counts)")
+    plt = _pyplot("confusion_matrix.png", "confusion_matrix.csv has the counts")
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(11, 9))
     shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
@@ -3723,9 +3908,52 @@ def save_confusion_matrix(model_dir: Path, y: np.ndarray, predicted: np.ndarray,
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title("Ensemble, out-of-fold (test-like route mix)")
+    _save_figure(plt, fig, model_dir / "confusion_matrix.png")
+
+
+def _pyplot(picture: str, instead: str) -> Any:
+    """matplotlib's pyplot without a display, or None (logged) where matplotlib is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        LOG.info("matplotlib is not installed: %s skipped (%s)", picture, instead)
+        return None
+    return plt
+
+
+def _save_figure(plt: Any, fig: Any, path: Path) -> None:
     fig.tight_layout()
-    _atomic_write(model_dir / "confusion_matrix.png", lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
+
+
+def save_training_curves(model_dir: Path, epoch_rows: list[dict[str, Any]]) -> None:
+    """training_curves.png: each deep family and route's score per epoch on the fold's held-out subjects, one
+    thin line per fold (and seed), their mean in black. Refits (fold -1) have no held-out rows: not drawn."""
+    log = pl.DataFrame(epoch_rows).filter((pl.col("fold") >= 0) & pl.col("score").is_not_null())
+    if log.is_empty():
+        return
+    plt = _pyplot("training_curves.png", "epoch_log.csv has the scores")
+    if plt is None:
+        return
+    panels = log.select("family", "variant").unique(maintain_order=True).rows()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False, sharey=True)
+    for ax, (family, variant) in zip(axes[0], panels):
+        part = log.filter((pl.col("family") == family) & (pl.col("variant") == variant))
+        for (fold, _), run in part.group_by(["fold", "seed"], maintain_order=True):
+            ax.plot(run["epoch"], run["score"], lw=0.8, alpha=0.7, color=f"C{fold % 10}")
+        mean = part.group_by("epoch").agg(pl.col("score").mean()).sort("epoch")
+        ax.plot(mean["epoch"], mean["score"], lw=2.2, color="black", label="mean over folds")
+        ax.set_title(f"{family} / {variant}")
+        ax.set_xlabel("epoch")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("score, fold's held-out subjects")
+    axes[0][0].legend(loc="lower right", fontsize=8)
+    fig.suptitle("Deep models: validation score per epoch (thin lines: folds and seeds)", fontsize=10)
+    _save_figure(plt, fig, model_dir / "training_curves.png")
 
 
 def summary_table(results: list[FamilyResult], failed: list[dict[str, Any]], ensembles: dict[str, RouteEnsemble],
@@ -3782,7 +4010,7 @@ def train_all(train: pl.DataFrame, settings: Settings, model_dir: Path, timer: S
         frames = SequenceFrames.from_table(train, cfg.MIRROR_LEFT_HANDED)
     deep_inputs = None
     if cfg.RUN_TORCH_TRAINING or cfg.RUN_KERAS_TRAINING:
-        store = FrameFeatureStore(settings.dl.FRAME_FEATURE_DIR, cfg.MIRROR_LEFT_HANDED)
+        store = FrameFeatureStore(cfg.frame_feature_dir, cfg.MIRROR_LEFT_HANDED)
         with timer("frame feature store"):                 # notes 4-4: once, right after the data loads
             build_frame_feature_store(train, store, workers=max(2, min(4, os.cpu_count() or 1)), frames=frames)
         # Misses are rare (only sequences the byte bound cannot hold): a filter per miss costs less than
@@ -3845,8 +4073,9 @@ def train_all(train: pl.DataFrame, settings: Settings, model_dir: Path, timer: S
     fold_rows = [row for r in results for row in r.fold_metrics]
     _atomic_write(model_dir / "fold_metrics.csv", lambda tmp: pl.DataFrame(fold_rows).write_csv(tmp))
     epoch_rows = [row for r in results for row in r.epoch_log]
-    if epoch_rows:                                          # the per-epoch log table, as a CSV
+    if epoch_rows:                                          # the per-epoch log table, as a CSV and a picture
         _atomic_write(model_dir / "epoch_log.csv", lambda tmp: pl.DataFrame(epoch_rows).write_csv(tmp))
+        save_training_curves(model_dir, epoch_rows)
     save_oof_predictions(model_dir / "oof_predictions.parquet", sequences, folds, results)
     y = sequences["label"].to_numpy()
     with timer("ensemble"):
@@ -3885,27 +4114,69 @@ def log_run_summary(result: dict[str, Any]) -> None:
                                     cell(row["binary_f1"]), cell(row["macro_f1"]),
                                     cell(row["mean_best_iteration"], ".1f"), cell(row["train_seconds"], ".1f")),
                                    widths) + (f"  {row['note']}" if row.get("note") else ""))
-    for route, s in result.get("inference", {}).get("synthetic_test", {}).items():
+    inference = result.get("inference", {})
+    if "answers" in inference:
+        LOG.info("predict() answers: %d, of which %d fallbacks (%r); with each family: %s", inference["answers"],
+                 inference["fallbacks"], DEFAULT_GESTURE, inference["by_family"] or "none")
+        for failure in filter(None, inference["load_failures"]):
+            LOG.error("Not loaded, not used: %s", failure)
+    for route, s in inference.get("synthetic_test", {}).items():
         LOG.info("Synthetic hold-out test, %-11s %4d sequences: score %.4f (BinF1 %.4f, MacroF1 %.4f)%s",
                  route, s["n"], s["score"], s["binary_f1"], s["macro_f1"], synthetic)
     LOG.info("Done in %.1f s. Stages: %s", result["total_seconds"], result["stage_seconds"])
+    LOG.info("Output folder %s: %.1f MB", result["output_dir"], result["output_mb"])
+
+
+def competition_rerun() -> bool:
+    """Inside Kaggle's scoring rerun on the hidden test set, where a stopped run is a failed submission."""
+    return bool(os.environ.get("KAGGLE_IS_COMPETITION_RERUN"))
+
+
+_REPORTED: set[str] = set()
+
+
+def report_loudly(message: str) -> None:
+    """An error the run goes on after (the rerun must answer): framed in the log, once per message."""
+    if message in _REPORTED:
+        return
+    _REPORTED.add(message)
+    LOG.error("!" * 100)
+    LOG.error("%s", message)
+    LOG.error("!" * 100)
+
+
+def read_artifact_manifest(model_dir: Path) -> dict[str, Any]:
+    manifest_path = model_dir / ARTIFACT_MANIFEST
+    if not manifest_path.is_file():
+        raise ConfigError(f"no {ARTIFACT_MANIFEST} in {model_dir} (set CMI_MODEL_DIR or --model-dir to a folder "
+                          "written by a training run)")
+    try:
+        return json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"cannot read {manifest_path}: {exc}") from exc
+
+
+def check_model_features(manifest: dict[str, Any], mirror_left_handed: bool, manifest_path: Path,
+                         strict: bool) -> None:
+    """Saved models and this script must compute the same features. Where they do not: stop when ``strict``
+    outside the competition rerun; in the rerun (or not strict) say so loudly and serve, since a stopped
+    rerun helps nobody and models whose columns still exist may still answer well."""
+    mismatch = feature_mismatch(manifest, mirror_left_handed, "models")
+    if mismatch is None:
+        return
+    message = (f"{manifest_path}: the models were trained with {mismatch}; retrain, or infer with the script "
+               "version that trained them")
+    if strict and not competition_rerun():
+        raise ConfigError(message)
+    report_loudly(message + " -- SERVING ANYWAY")
 
 
 def check_artifacts(model_dir: Path, mirror_left_handed: bool) -> None:
-    """Before serving from saved artifacts: they exist and match this script's features (else retrain)."""
-    manifest_path = model_dir / ARTIFACT_MANIFEST
-    if not manifest_path.is_file():
-        raise ConfigError(f"--infer-only: no {ARTIFACT_MANIFEST} in {model_dir} (set CMI_MODEL_DIR or --model-dir "
-                          "to a folder written by a training run)")
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"cannot read {manifest_path}: {exc}") from exc
-    mirror = bool(manifest.get("mirror_left_handed", mirror_left_handed))
-    if manifest.get("feature_version") != feature_version(mirror):
-        raise ConfigError(f"{manifest_path}: models were trained with feature version "
-                          f"{manifest.get('feature_version')}, this script computes {feature_version(mirror)}; "
-                          "retrain, or infer with the script version that trained them")
+    """Before serving from saved artifacts: they exist and match this script's features (the same check as
+    the predictor's, strict)."""
+    manifest = read_artifact_manifest(model_dir)
+    check_model_features(manifest, bool(manifest.get("mirror_left_handed", mirror_left_handed)),
+                         model_dir / ARTIFACT_MANIFEST, strict=True)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -3943,6 +4214,11 @@ def setup_logging(output_dir: Path | None) -> None:
         LOG.addHandler(file_handler)
 
 
+def folder_megabytes(folder: Path) -> float:
+    """Size of everything under a folder (what a Kaggle notebook's output dataset would hold)."""
+    return round(sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file()) / 2**20, 1)
+
+
 def ensure_writable_dir(path: Path, what: str) -> Path:
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -3956,7 +4232,7 @@ def ensure_writable_dir(path: Path, what: str) -> Path:
 def run(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     cfg = settings.cfg
     if args.output_dir:
-        cfg.OUTPUT_PATH = settings.dl.OUTPUT_PATH = args.output_dir
+        cfg.OUTPUT_PATH = args.output_dir
     if args.model_dir:
         cfg.MODEL_DIR = args.model_dir
     if args.synthetic_size:
@@ -3968,10 +4244,12 @@ def run(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     if args.seed is not None:
         cfg.SEED = args.seed
     output_dir = ensure_writable_dir(Path(cfg.OUTPUT_PATH), "output folder")
+    ensure_writable_dir(cfg.scratch_dir, "scratch folder (CMI_SCRATCH_DIR)")
     setup_logging(output_dir)
     timer = StageTimer()
     started = time.perf_counter()
-    LOG.info("CMI train_infer | python %s | %s | output %s", platform.python_version(), platform.platform(), output_dir)
+    LOG.info("CMI train_infer | python %s | %s | output %s | scratch %s", platform.python_version(),
+             platform.platform(), output_dir, cfg.scratch_dir)
     result: dict[str, Any] = {"output_dir": str(output_dir)}
     with timer("locate data"):
         data_dir, synthetic = locate_data_dir(args.data_dir, cfg, args.synthetic, need_train=not args.infer_only)
@@ -3988,10 +4266,19 @@ def run(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
         del train
     if cfg.RUN_INFERENCE and not args.no_inference:
         configure_inference(model_dir)
+        strict = not competition_rerun()
+        with timer("load models"):                         # every family, before the first answer
+            try:
+                _get_predictor(strict)
+            except Exception as exc:
+                if strict:                                 # an interactive run stops, naming what failed
+                    raise exc if isinstance(exc, ConfigError) else ConfigError(str(exc)) from exc
+                # the rerun goes on: reported loudly above, and predict() answers its fallback
         with timer("inference"):
             result["inference"] = run_inference(data_dir, output_dir, cfg.SEED)
     result["stage_seconds"] = timer.seconds
     result["total_seconds"] = round(time.perf_counter() - started, 1)
+    result["output_mb"] = folder_megabytes(output_dir)
     _atomic_write_text(output_dir / "run_summary.json", json.dumps(result, indent=2, default=str))
     log_run_summary(result)
     if synthetic:

@@ -66,6 +66,8 @@ ROWS = [
     ("seeds", "the new default + 3 seeds per deep model (DL_SEEDS=3, KERAS_SEEDS=3)",
      {"DL_SEEDS": "3", "KERAS_SEEDS": "3"}, ALL_FAMILIES),
     ("refit", "the new default + the full-data refit (FULL_FIT=1)", {"FULL_FIT": "1"}, ALL_FAMILIES),
+    ("together", "the new default + 3 seeds + the full-data refit (a GPU run's defaults at this budget's sizes)",
+     {"DL_SEEDS": "3", "KERAS_SEEDS": "3", "FULL_FIT": "1"}, ALL_FAMILIES),
 ]
 
 

@@ -26,11 +26,12 @@ import platform
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import polars as pl
 
-from common import CACHE, full_synthetic_dir, ti
+from common import full_synthetic_dir, ti
 
 CONFIGS = {
     "new (pad 90, 3 pools, batch 512)": {"DL_FIXED_PAD_LEN": "90", "DL_POOLS": "3", "DL_BATCH_SIZE": "512"},
@@ -57,7 +58,7 @@ def forced_oom_row(inputs: ti.DeepInputs, sequences: pl.DataFrame, folds: np.nda
     """Train fold 0 under a memory limit that micro-batch 512 exceeds; return the table row."""
     import torch
     dl_cfg = dataclasses.replace(dl_cfg, EPOCHS=2, BATCH_SIZE=512, ACCUM_STEPS=1)
-    hook, how = None, ""
+    hook: Callable[[int], None] | None = None
     if runtime.device.type == "cuda":
         def reserved_peak(micro: int) -> int:
             torch.cuda.empty_cache()
@@ -75,10 +76,10 @@ def forced_oom_row(inputs: ti.DeepInputs, sequences: pl.DataFrame, folds: np.nda
         how = (f"real CUDA OOM: limit {limit / 2**20:.0f} MiB (peak reserved {high / 2**20:.0f} MiB at micro-batch "
                f"512, {low / 2**20:.0f} MiB at 128)")
     else:
-        def hook(micro: int) -> None:
+        def injected(micro: int) -> None:
             if micro > 128:
                 raise RuntimeError("CUDA out of memory (injected: no GPU, so no per-process memory limit)")
-        how = "injected OOM above micro-batch 128 (no GPU)"
+        hook, how = injected, "injected OOM above micro-batch 128 (no GPU)"
     started = time.perf_counter()
     try:
         result = ti.train_torch(inputs, sequences, folds, variant, dl_cfg, ti.RecipeConfig(), seed,

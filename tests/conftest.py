@@ -74,6 +74,26 @@ def predictor(trained_run):
     ti.configure_inference(None)
 
 
+def other_features_record(scope: str) -> dict:
+    """The manifest fields that feature code computing other numbers (another gravity) would save."""
+    saved = ti.GRAVITY
+    ti.GRAVITY = 9.5
+    ti.feature_probe.cache_clear()
+    try:
+        return ti.feature_record(True, scope)
+    finally:
+        ti.GRAVITY = saved
+        ti.feature_probe.cache_clear()
+
+
+def copy_artifacts(source: Path, target: Path) -> Path:
+    """A private copy of a training run's artifacts (manifest and models) to break."""
+    import shutil
+    shutil.copytree(source / "models", target / "models")
+    shutil.copy(source / "artifacts.json", target / "artifacts.json")
+    return target
+
+
 @pytest.fixture
 def warnings_seen(caplog):
     """The script's logger does not propagate; attach caplog's handler to it directly."""

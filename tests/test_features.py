@@ -103,3 +103,76 @@ def test_null_rotation_gives_missing_physics_not_garbage():
 def test_feature_version_tracks_settings():
     assert ti.feature_version(True) != ti.feature_version(False)
     assert ti.feature_version(True) == ti.feature_version(True)
+
+
+def _script_with(tmp_path, name: str, old: str, new: str):
+    """This script with one text edit, imported as its own module."""
+    import importlib.util
+    import sys
+    from conftest import ROOT
+    source = (ROOT / "train_infer.py").read_text()
+    assert source.count(old) == 1, old
+    path = tmp_path / f"{name}.py"
+    path.write_text(source.replace(old, new))
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module                                  # dataclasses look their module up
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        del sys.modules[name]
+    return module
+
+
+def _versions(module):
+    return module.frame_feature_version(True), module.feature_version(True)
+
+
+def test_a_comment_or_docstring_edit_leaves_the_feature_version_unchanged(tmp_path):
+    # A rerun with an edited comment must not refuse its models: the version follows numbers, not text.
+    edited = _script_with(tmp_path, "edited_comment", '    """The numeric core of build_frame_features:',
+                          '    """Edited. The numeric core of build_frame_features:')
+    assert _versions(edited) == _versions(ti)
+    edited = _script_with(tmp_path, "edited_comment2", "    # Gravity seen in the sensor frame",
+                          "    # An edited comment about what follows.\n    # Gravity seen in the sensor frame")
+    assert _versions(edited) == _versions(ti)
+
+
+def test_a_changed_number_changes_the_feature_version(tmp_path):
+    frames_changed = _script_with(tmp_path, "changed_frame", 'feats["acc_mag"] = np.linalg.norm(acc, axis=1)',
+                                  'feats["acc_mag"] = np.linalg.norm(acc, axis=1) * 1.01')
+    frame_version, model_version = _versions(frames_changed)
+    assert frame_version != ti.frame_feature_version(True) and model_version != ti.feature_version(True)
+    assert ti.feature_mismatch(frames_changed.feature_record(True, "models"), True, "models")
+    # An aggregate or a deep channel that changes: the frames stay valid, the models do not.
+    for name, old, new in (("changed_tail", "GESTURE_TAIL = 30", "GESTURE_TAIL = 25"),
+                           ("changed_far", 'TOF_FAR = {"mean": 255.0', 'TOF_FAR = {"mean": 250.0')):
+        frame_version, model_version = _versions(_script_with(tmp_path, name, old, new))
+        assert frame_version == ti.frame_feature_version(True) and model_version != ti.feature_version(True), name
+
+
+def test_the_probe_covers_every_path_of_the_feature_code():
+    probe = ti.feature_probe_table()
+    frames = ti.SequenceFrames.from_table(probe, True)
+    lengths = dict(zip(frames.ids, frames.lengths))
+    assert max(lengths.values()) > ti.PROBE_PAD_LEN                                 # padding keeps the last frames
+    assert (probe["handedness"] == 0).any()                                         # mirroring
+    assert (probe.select(ti.TOF_COLUMNS).to_numpy() == -1).any()                   # ToF "no reflection"
+    by_sequence = probe.group_by("sequence_id").agg(pl.col("thm_1").is_null().all().alias("imu_only"),
+                                                    pl.col("rot_w").is_null().any().alias("rot_gap"))
+    assert by_sequence["imu_only"].any() and by_sequence["rot_gap"].any()          # null thm/tof and rotation
+    assert ti.feature_probe_table().equals(probe)                                   # built the same every time
+
+
+def test_versions_that_differ_only_in_rounding_are_the_same_features():
+    record = ti.feature_record(True, "models")
+    _, sums = ti.feature_probe(True, "models")
+    import base64
+    import zlib
+    nudged = sums.copy()
+    nudged[:, 1:] *= 1 + 1e-6                                   # what another libm or summation order gives
+    other = {"feature_version": "from_another_pc", "feature_probe": base64.b64encode(
+        zlib.compress(nudged.astype("<f8").tobytes())).decode()}
+    assert ti.feature_mismatch(record, True, "models") is None
+    assert ti.feature_mismatch(other, True, "models") is None
+    assert ti.feature_mismatch({"feature_version": "x"}, True, "models")           # no probe: another version

@@ -67,16 +67,37 @@ def test_second_build_skips_valid_files(train, built_store):
     assert again["written"] == 0 and again["skipped"] == again["sequences"]
 
 
-def test_changed_feature_version_triggers_a_rebuild(train, built_store, warnings_seen):
+def test_changed_feature_numbers_trigger_a_rebuild(train, built_store, warnings_seen, monkeypatch):
     store, stats = built_store
     manifest_path = store.folder / ti.FRAME_STORE_MANIFEST
+    monkeypatch.setattr(ti, "GRAVITY", 9.5)                  # feature code that computes other numbers
+    ti.feature_probe.cache_clear()
+    older = ti.feature_record(True, "frames")
+    monkeypatch.undo()
+    ti.feature_probe.cache_clear()
     manifest = json.loads(manifest_path.read_text())
-    manifest["feature_version"] = "older0000000000"
+    manifest.update(older)
     manifest_path.write_text(json.dumps(manifest))
     rebuilt = ti.build_frame_feature_store(train, store, workers=2)
     assert rebuilt["written"] == stats["sequences"]
-    assert "holds feature version older0000000000" in warnings_seen.text
+    assert f"holds feature version {older['feature_version']}" in warnings_seen.text
     assert json.loads(manifest_path.read_text())["feature_version"] == store.version
+
+
+def test_a_store_is_never_served_for_other_data_with_the_same_ids_and_lengths(train, built_store, warnings_seen):
+    # Real and synthetic sequence ids share one format: a store built on one data set must not serve another.
+    store, stats = built_store
+    other = train.with_columns(pl.col("acc_x") + 0.5)       # same ids, same lengths, other readings
+    rebuilt = ti.build_frame_feature_store(other, store, workers=2)
+    assert rebuilt["written"] == stats["sequences"] and "built from other data" in warnings_seen.text
+    sid = train["sequence_id"][0]
+    fresh = ti.frame_array(ti.build_frame_features(other.filter(pl.col("sequence_id") == sid))
+                           .select(ti.FRAME_FEATURES).to_numpy())
+    assert np.array_equal(store.read(sid), fresh, equal_nan=True)
+    assert not np.array_equal(store.read(sid), _fresh(train, sid), equal_nan=True)
+    assert ti.build_frame_feature_store(other, store)["written"] == 0        # and is served for its own data
+    frames = ti.SequenceFrames.from_table(other, True)                        # the frame pass knows it too
+    assert frames.fingerprint == ti.table_fingerprint(other, True) != ti.table_fingerprint(train, True)
 
 
 def test_other_mirroring_setting_is_another_version(train, built_store):
@@ -117,7 +138,7 @@ def test_build_rewrites_a_truncated_file(train, built_store):
 
 def test_interrupted_write_leaves_no_partial_file(train, tmp_path, monkeypatch):
     store = ti.FrameFeatureStore(tmp_path / "fs")
-    store.open()
+    store.open("test data")
     frames = ti.build_frame_features(train.filter(pl.col("sequence_id") == train["sequence_id"][0]))
 
     def dies_halfway(self, file, **kwargs):
@@ -179,7 +200,7 @@ def test_a_too_small_cache_says_so(train, built_store, warnings_seen):
 
 def test_missing_frames_are_computed_from_raw_and_stored(train, tmp_path):
     store = ti.FrameFeatureStore(tmp_path / "fs")
-    store.open()
+    store.open("test data")
     sid = train["sequence_id"][0]
     cache = ti.FrameFeatureCache(store, 10, 2**30, raw_source=_raw_source(train))
     assert np.array_equal(cache.get(sid), _fresh(train, sid), equal_nan=True)
@@ -232,7 +253,7 @@ def test_preload_reads_the_store_in_threads_then_hits(train, built_store):
 def test_a_file_without_nulls_reads_back_writable(tmp_path):
     # polars hands out a read-only zero-copy view for a null-free float table; reading must copy.
     store = ti.FrameFeatureStore(tmp_path / "fs")
-    store.open()
+    store.open("test data")
     frames = pl.DataFrame({name: np.array([1.0, np.inf, 3.0], dtype=np.float32) for name in ti.FRAME_FEATURES})
     store.write("SEQ_000001", frames)
     values = store.read("SEQ_000001")

@@ -6,7 +6,7 @@ import polars as pl
 import pytest
 
 import train_infer as ti
-from conftest import REAL_DIR
+from conftest import REAL_DIR, copy_artifacts, other_features_record
 
 
 def _test_sequences(tiny_data):
@@ -47,16 +47,89 @@ def test_infer_only_reloads_and_gives_the_same_answers(trained_run, tiny_data, t
     assert not (tmp_path / "models").exists()
 
 
+def _errors_logged(output_dir):
+    """ERROR lines of a run's log (main() gives the logger its own handlers, so caplog does not see them)."""
+    return [line for line in (output_dir / "train_log.txt").read_text().splitlines() if " ERROR " in line]
+
+
+def _with_other_features(trained_run, folder):
+    copy_artifacts(trained_run[0], folder)
+    manifest = json.loads((folder / "artifacts.json").read_text())
+    manifest.update(other_features_record("models"))
+    (folder / "artifacts.json").write_text(json.dumps(manifest))
+    return folder
+
+
 def test_infer_only_refuses_artifacts_from_other_features(trained_run, tiny_data, tmp_path):
-    out, _ = trained_run
-    stale = tmp_path / "stale"
-    stale.mkdir()
-    manifest = json.loads((out / "artifacts.json").read_text())
-    manifest["feature_version"] = "0000000000000000"
-    (stale / "artifacts.json").write_text(json.dumps(manifest))
+    stale = _with_other_features(trained_run, tmp_path / "stale")
     with pytest.raises(SystemExit, match="feature version"):
         ti.main(["--infer-only", "--model-dir", str(stale), "--data-dir", str(tiny_data),
                  "--output-dir", str(tmp_path / "o")])
+
+
+def test_the_rerun_serves_artifacts_from_other_features_and_says_so_loudly(trained_run, tiny_data, tmp_path,
+                                                                          monkeypatch):
+    # A stopped rerun is a failed submission: the same check logs an error there and serves.
+    stale = _with_other_features(trained_run, tmp_path / "stale")
+    monkeypatch.setenv("KAGGLE_IS_COMPETITION_RERUN", "1")
+    result = ti.main(["--infer-only", "--model-dir", str(stale), "--data-dir", str(tiny_data),
+                      "--output-dir", str(tmp_path / "o")])
+    errors = _errors_logged(tmp_path / "o")
+    assert sum("feature version" in e and "SERVING ANYWAY" in e for e in errors) == 1   # once, not per check
+    assert result["inference"]["fallbacks"] == 0 and result["inference"]["answers"] > 0
+    assert pl.read_csv(tmp_path / "o" / "submission.csv")["gesture"].is_in(ti.GESTURES).all()
+
+
+def test_the_predictor_applies_the_same_feature_check(trained_run, tmp_path, warnings_seen):
+    stale = _with_other_features(trained_run, tmp_path / "stale")
+    with pytest.raises(ti.ConfigError, match="feature version"):
+        ti.GesturePredictor(stale, ti._ThrottledWarnings(), strict=True)
+    ti.GesturePredictor(stale, ti._ThrottledWarnings(), strict=False)       # predict()'s lazy load serves
+    assert "SERVING ANYWAY" in warnings_seen.text
+    ti.GesturePredictor(trained_run[0], ti._ThrottledWarnings(), strict=True)  # its own features: fine
+
+
+def test_infer_only_loads_every_family_first_and_names_the_file_that_fails(trained_run, tiny_data, tmp_path):
+    broken = copy_artifacts(trained_run[0], tmp_path / "broken")
+    (broken / "models" / "lgbm_full_fold1.txt").write_text("not a model")
+    with pytest.raises(SystemExit, match="lgbm_full_fold1.txt"):
+        ti.main(["--infer-only", "--model-dir", str(broken), "--data-dir", str(tiny_data),
+                 "--output-dir", str(tmp_path / "o")])
+    assert not (tmp_path / "o" / "submission.csv").exists()          # stopped before the first answer
+    (broken / "models" / "lgbm_imu_fold0.txt").unlink()
+    with pytest.raises(SystemExit, match="lgbm_imu_fold0.txt is missing"):
+        ti.main(["--infer-only", "--model-dir", str(broken), "--data-dir", str(tiny_data),
+                 "--output-dir", str(tmp_path / "o")])
+
+
+def test_the_rerun_serves_what_loaded_logs_each_failure_once_and_counts_answers(trained_run, tiny_data, tmp_path,
+                                                                               monkeypatch):
+    broken = copy_artifacts(trained_run[0], tmp_path / "broken")
+    (broken / "models" / "lgbm_full_fold1.txt").write_text("not a model")
+    monkeypatch.setenv("KAGGLE_IS_COMPETITION_RERUN", "1")
+    result = ti.main(["--infer-only", "--model-dir", str(broken), "--data-dir", str(tiny_data),
+                      "--output-dir", str(tmp_path / "o")])
+    errors = _errors_logged(tmp_path / "o")
+    assert sum("lgbm/full could not be loaded" in e and "lgbm_full_fold1.txt" in e and "answers without it" in e
+               for e in errors) == 1                                   # once, framed, however many answers
+    assert any(e.endswith("!" * 100) for e in errors) and any("Not loaded, not used: lgbm/full" in e for e in errors)
+    inference = result["inference"]
+    n_test = pl.read_csv(tiny_data / "test.csv")["sequence_id"].n_unique()
+    assert inference["answers"] == n_test and inference["fallbacks"] == 0
+    assert inference["by_family"] == {"lgbm/imu": n_test}        # every answer from the family that loaded
+    assert len(inference["load_failures"]) == 1 and "summary" not in result
+    assert "predict() answers: %d, of which 0 fallbacks" % n_test in (tmp_path / "o" / "train_log.txt").read_text()
+
+
+def test_the_summary_counts_fallbacks_when_nothing_loads(tmp_path, tiny_data, monkeypatch):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "artifacts.json").write_text(json.dumps({"classes": list(ti.GESTURES), "families": {}}))
+    monkeypatch.setenv("KAGGLE_IS_COMPETITION_RERUN", "1")
+    result = ti.main(["--infer-only", "--model-dir", str(tmp_path / "m"), "--data-dir", str(tiny_data),
+                      "--output-dir", str(tmp_path / "o")])
+    inference = result["inference"]
+    assert inference["fallbacks"] == inference["answers"] > 0 and inference["by_family"] == {}
+    assert "EVERY answer will be" in (tmp_path / "o" / "train_log.txt").read_text()
 
 
 def test_imu_only_sequences_are_routed_to_imu_models(predictor, tiny_data):
@@ -118,16 +191,13 @@ def test_unusable_model_folder_falls_back_with_a_warning(tmp_path, tiny_data, wa
 
 
 def test_a_broken_family_is_skipped_not_fatal(trained_run, tmp_path, tiny_data, warnings_seen):
-    import shutil
-    out = tmp_path / "copy"
-    shutil.copytree(trained_run[0] / "models", out / "models")
-    shutil.copy(trained_run[0] / "artifacts.json", out / "artifacts.json")
+    out = copy_artifacts(trained_run[0], tmp_path / "copy")
     (out / "models" / "lgbm_full_fold1.txt").write_text("not a model")
     ti.configure_inference(out)
     sequence, demo = _one(tiny_data, full_sensor=True)
     assert ti.predict(sequence, demo) in ti.GESTURES
     assert ti._get_predictor().route(ti.sensor_matrix(sequence)) == "imu"   # full family failed to load
-    assert "Could not load lgbm/full" in warnings_seen.text
+    assert "lgbm/full could not be loaded" in warnings_seen.text and "lgbm_full_fold1.txt" in warnings_seen.text
     ti.configure_inference(None)
 
 

@@ -34,3 +34,30 @@ def test_ci_runs_the_readme_test_command_verbatim():
     assert test_command in (ROOT / ".ci" / "run").read_text()
     main_command = next(c for c in commands if "train_infer.py" in c)
     assert main_command.endswith("python train_infer.py")
+
+
+def _performance_subsections() -> dict[str, str]:
+    performance = README.split("\n## Performance\n", 1)[1].split("\n## ", 1)[0]
+    parts = re.split(r"(?m)^### (.+)$", performance)
+    return dict(zip(parts[1::2], parts[2::2]))
+
+
+def test_one_current_table_per_benchmark_with_its_machine():
+    # The README shows each benchmark's latest run, not the history of every run: one machine line per
+    # subsection, and each bench script's results in one subsection (bench_score: one per budget).
+    sections = _performance_subsections()
+    for title, body in sections.items():
+        assert body.count("\nMachine:") <= 1, f"{title}: more than one run's table"
+        if "`bench_" in title:
+            assert body.count("\nMachine:") == 1, f"{title}: no machine line"
+    for script in sorted(p.name for p in (ROOT / "bench").glob("bench_*.py")):
+        titles = [t for t in sections if f"`{script}`" in t]
+        assert 1 <= len(titles) <= (2 if script == "bench_score.py" else 1), (script, titles)
+
+
+def test_words_for_competitors_not_for_work_tracking():
+    pattern = re.compile(r"\bissues?\b|\[\d/\d\]|#\d{2}\b", re.I)
+    for path in [ROOT / "README.md", ROOT / "train_infer.py", *sorted((ROOT / "bench").glob("*.py"))]:
+        hits = [line for line in path.read_text(encoding="utf-8").splitlines() if pattern.search(line)]
+        assert hits == [], (path.name, hits[:3])
+    assert len(README.splitlines()) < 700                 # quick start, knobs and Kaggle workflow found fast
