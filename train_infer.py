@@ -3730,7 +3730,8 @@ def answer_counts() -> dict[str, Any]:
 def predict(sequence: pl.DataFrame, demographics: pl.DataFrame) -> str:
     """The competition's entry point: one sequence (test.csv columns) + its demographics row -> a gesture.
 
-    Models load lazily on the first call. Never raises: any failure logs a warning with the reason and
+    main() loads the models before the first call; called on its own, the first call loads them (failures
+    reported loudly, once). Never raises: any failure logs a warning with the reason and
     answers DEFAULT_GESTURE, because one exception here fails a whole submission.
     """
     try:
@@ -4173,8 +4174,14 @@ def check_model_features(manifest: dict[str, Any], mirror_left_handed: bool, man
 
 def check_artifacts(model_dir: Path, mirror_left_handed: bool) -> None:
     """Before serving from saved artifacts: they exist and match this script's features (the same check as
-    the predictor's, strict)."""
-    manifest = read_artifact_manifest(model_dir)
+    the predictor's, strict). In the competition rerun nothing here stops the run: it is reported loudly."""
+    try:
+        manifest = read_artifact_manifest(model_dir)
+    except ConfigError as exc:
+        if not competition_rerun():
+            raise
+        report_loudly(f"{exc} -- every answer will be {DEFAULT_GESTURE!r}")
+        return
     check_model_features(manifest, bool(manifest.get("mirror_left_handed", mirror_left_handed)),
                          model_dir / ARTIFACT_MANIFEST, strict=True)
 
@@ -4244,7 +4251,8 @@ def run(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     if args.seed is not None:
         cfg.SEED = args.seed
     output_dir = ensure_writable_dir(Path(cfg.OUTPUT_PATH), "output folder")
-    ensure_writable_dir(cfg.scratch_dir, "scratch folder (CMI_SCRATCH_DIR)")
+    if not args.infer_only:                                # serving needs no scratch: never stop a rerun for it
+        ensure_writable_dir(cfg.scratch_dir, "scratch folder (CMI_SCRATCH_DIR)")
     setup_logging(output_dir)
     timer = StageTimer()
     started = time.perf_counter()

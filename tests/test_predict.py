@@ -130,6 +130,15 @@ def test_the_summary_counts_fallbacks_when_nothing_loads(tmp_path, tiny_data, mo
     inference = result["inference"]
     assert inference["fallbacks"] == inference["answers"] > 0 and inference["by_family"] == {}
     assert "EVERY answer will be" in (tmp_path / "o" / "train_log.txt").read_text()
+    # No artifacts at all: the rerun still answers (the fallback, loudly); an interactive run stops.
+    result = ti.main(["--infer-only", "--model-dir", str(tmp_path / "empty"), "--data-dir", str(tiny_data),
+                      "--output-dir", str(tmp_path / "o2")])
+    assert result["inference"]["fallbacks"] == result["inference"]["answers"] > 0
+    assert "no artifacts.json" in "\n".join(_errors_logged(tmp_path / "o2"))
+    monkeypatch.delenv("KAGGLE_IS_COMPETITION_RERUN")
+    with pytest.raises(SystemExit, match="no artifacts.json"):
+        ti.main(["--infer-only", "--model-dir", str(tmp_path / "empty"), "--data-dir", str(tiny_data),
+                 "--output-dir", str(tmp_path / "o3")])
 
 
 def test_imu_only_sequences_are_routed_to_imu_models(predictor, tiny_data):
