@@ -855,8 +855,8 @@ def build_frame_features(frame: pl.DataFrame, mirror_left_handed: bool = True) -
     right-handed first when ``mirror_left_handed`` (DATA.md: acc_x, rot_y, rot_z negated, thm_3/thm_5 and
     tof_3/tof_5 swapped, ToF grids flipped left-right).
     """
-    out = frame_features_from_raw(sensor_matrix(frame), _sequence_starts(frame),
-                                  _left_handed_rows(frame, mirror_left_handed))
+    out = frame_table(frame_feature_matrix(sensor_matrix(frame), _sequence_starts(frame),
+                                           _left_handed_rows(frame, mirror_left_handed)))
     if "sequence_id" in frame.columns:
         out = out.insert_column(0, frame["sequence_id"])
     return out
@@ -929,11 +929,6 @@ def table_fingerprint(train: pl.DataFrame, mirror_left_handed: bool) -> str:
     return data_fingerprint(train["sequence_id"].gather(first_rows).to_list(),
                             np.diff(np.append(first_rows, train.height)), sensor_matrix(train),
                             _left_handed_rows(train, mirror_left_handed))
-
-
-def frame_features_from_raw(raw: np.ndarray, starts: np.ndarray, left_handed: np.ndarray | None) -> pl.DataFrame:
-    """Raw sensor matrix -> frame-feature table."""
-    return frame_table(frame_feature_matrix(raw, starts, left_handed))
 
 
 def frame_table(values: np.ndarray) -> pl.DataFrame:
@@ -4266,7 +4261,7 @@ def run(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     model_dir = cfg.model_dir if args.infer_only else output_dir
     if args.infer_only:
         check_artifacts(model_dir, cfg.MIRROR_LEFT_HANDED)
-    if not args.infer_only:
+    else:
         with timer("load train"):
             train = load_train_data(data_dir)
             LOG.info("train.csv: %d rows x %d columns", train.height, train.width)
@@ -4279,9 +4274,12 @@ def run(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
             try:
                 _get_predictor(strict)
             except Exception as exc:
-                if strict:                                 # an interactive run stops, naming what failed
-                    raise exc if isinstance(exc, ConfigError) else ConfigError(str(exc)) from exc
-                # the rerun goes on: reported loudly above, and predict() answers its fallback
+                # An interactive run stops, naming what failed; the rerun goes on (reported loudly where it
+                # failed) and predict() answers its fallback.
+                if strict and isinstance(exc, ConfigError):
+                    raise
+                if strict:
+                    raise ConfigError(str(exc)) from exc
         with timer("inference"):
             result["inference"] = run_inference(data_dir, output_dir, cfg.SEED)
     result["stage_seconds"] = timer.seconds
