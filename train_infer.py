@@ -4234,6 +4234,7 @@ def ensure_writable_dir(path: Path, what: str) -> Path:
 
 def run(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     cfg = settings.cfg
+    _REPORTED.clear()                                      # a new run reports its own failures again
     if args.output_dir:
         cfg.OUTPUT_PATH = args.output_dir
     if args.model_dir:
