@@ -884,12 +884,7 @@ class SequenceFrames:
     @classmethod
     def from_table(cls, train: pl.DataFrame, mirror_left_handed: bool) -> "SequenceFrames":
         """The training table (rows grouped by sequence_id, in counter order, as load_train_data sorts it)."""
-        starts = _sequence_starts(train)
-        first_rows = np.flatnonzero(starts)
-        ids = train["sequence_id"].gather(first_rows).to_list()
-        if len(set(ids)) != len(ids):
-            raise ValueError("the training rows of a sequence are not contiguous: sort by sequence_id first")
-        offsets = np.append(first_rows, train.height)
+        starts, ids, offsets = _sequence_layout(train)
         raw, left_handed = sensor_matrix(train), _left_handed_rows(train, mirror_left_handed)
         fingerprint = data_fingerprint(ids, np.diff(offsets), raw, left_handed)   # before mirroring changes raw
         values = frame_feature_matrix(raw, starts, left_handed)
@@ -911,6 +906,17 @@ class SequenceFrames:
         return frame_table(self.values).insert_column(0, ids)
 
 
+def _sequence_layout(train: pl.DataFrame) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """(first-frame flags, sequence ids in table order, row offsets with the end) of a table whose rows are
+    grouped by sequence_id."""
+    starts = _sequence_starts(train)
+    first_rows = np.flatnonzero(starts)
+    ids = train["sequence_id"].gather(first_rows).to_list()
+    if len(set(ids)) != len(ids):
+        raise ValueError("the training rows of a sequence are not contiguous: sort by sequence_id first")
+    return starts, ids, np.append(first_rows, train.height)
+
+
 def data_fingerprint(ids: Sequence[str], lengths: np.ndarray, raw: np.ndarray, left_handed: np.ndarray | None) -> str:
     """What a frame store was built from: every sequence id and length, every raw reading (NaN = missing) and
     which rows were mirrored. Real and synthetic data share one id format (SEQ_000123), so ids and lengths
@@ -925,11 +931,8 @@ def data_fingerprint(ids: Sequence[str], lengths: np.ndarray, raw: np.ndarray, l
 
 def table_fingerprint(train: pl.DataFrame, mirror_left_handed: bool) -> str:
     """data_fingerprint of a training table, for a store filled without the run's frame pass."""
-    starts = _sequence_starts(train)
-    first_rows = np.flatnonzero(starts)
-    return data_fingerprint(train["sequence_id"].gather(first_rows).to_list(),
-                            np.diff(np.append(first_rows, train.height)), sensor_matrix(train),
-                            _left_handed_rows(train, mirror_left_handed))
+    _, ids, offsets = _sequence_layout(train)
+    return data_fingerprint(ids, np.diff(offsets), sensor_matrix(train), _left_handed_rows(train, mirror_left_handed))
 
 
 def frame_table(values: np.ndarray) -> pl.DataFrame:
@@ -3720,7 +3723,8 @@ def answer_counts() -> dict[str, Any]:
     predictor = _PREDICTOR_STATE["predictor"]
     return {"answers": _PREDICTOR_STATE["answers"], "fallbacks": _PREDICTOR_STATE["fallbacks"],
             "by_family": dict(sorted(predictor.family_answers.items())) if predictor else {},
-            "load_failures": predictor.load_failures if predictor else [_PREDICTOR_STATE["error"]]}
+            "load_failures": (predictor.load_failures if predictor else
+                              [_PREDICTOR_STATE["error"]] if _PREDICTOR_STATE["error"] else [])}
 
 
 def predict(sequence: pl.DataFrame, demographics: pl.DataFrame) -> str:
@@ -4115,7 +4119,7 @@ def log_run_summary(result: dict[str, Any]) -> None:
     if "answers" in inference:
         LOG.info("predict() answers: %d, of which %d fallbacks (%r); with each family: %s", inference["answers"],
                  inference["fallbacks"], DEFAULT_GESTURE, inference["by_family"] or "none")
-        for failure in filter(None, inference["load_failures"]):
+        for failure in inference["load_failures"]:
             LOG.error("Not loaded, not used: %s", failure)
     for route, s in inference.get("synthetic_test", {}).items():
         LOG.info("Synthetic hold-out test, %-11s %4d sequences: score %.4f (BinF1 %.4f, MacroF1 %.4f)%s",
