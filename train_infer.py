@@ -280,6 +280,7 @@ class KerasConfig:
     FIXED_PAD_LEN: int = field(default_factory=lambda: env_int("KERAS_FIXED_PAD_LEN", 90, minimum=8))
     BATCH_SIZE: int | None = field(default_factory=lambda: env_int("KERAS_BATCH_SIZE", None, minimum=1))  # None: by device (DEVICE_DEFAULTS)
     EARLY_STOPPING_PATIENCE: int = field(default_factory=lambda: env_int("KERAS_ES_PATIENCE", 3, minimum=1))  # DEEP_SELECTION=inner only
+    ES_MIN_DELTA: float = field(default_factory=lambda: env_float("KERAS_ES_MIN_DELTA", 1e-4, minimum=0.0))  # as TORCH_ES_MIN_DELTA
     CONV_BLOCKS: int = field(default_factory=lambda: env_int("KERAS_CONV_BLOCKS", 3, minimum=3))      # 3, or 4 as notes 2-1 allow
     CONV_WIDTH: int | None = field(default_factory=lambda: env_int("KERAS_CONV_WIDTH", None, minimum=4))  # first conv block's channels, later ones 2x; None: by device
     HIDDEN: int | None = field(default_factory=lambda: env_int("KERAS_HIDDEN", None, minimum=4))      # GRU units per direction; None: by device
@@ -294,7 +295,8 @@ class KerasConfig:
 
 @dataclass
 class KerasSpeedConfig:
-    """Keras speed switches. Mixed precision: None = decide by device (mixed_float16 is 4-5x slower on CPU)."""
+    """Keras speed switches. Mixed precision: None = decide_precision by the device (mixed_float16 from compute
+    capability 7.0; float32 on a P100 and on a CPU, where mixed_float16 is 4-5x slower)."""
     MIXED_PRECISION: bool | None = field(default_factory=lambda: env_bool("KERAS_MP", None))
     JIT_COMPILE: bool = field(default_factory=lambda: env_bool("KERAS_JIT_COMPILE", False))          # XLA off by default (notes 3-1, 6-5)
 
@@ -1982,10 +1984,41 @@ def resolve_device_defaults(cfg: Any, gpu: bool, prefix: str) -> Any:
 
 
 @dataclass(frozen=True)
+class Precision:
+    """How a device trains, in one decision for both deep families (decide_precision)."""
+    torch_amp: str | None         # autocast dtype: "bfloat16", "float16" (with a GradScaler) or None (float32)
+    keras_mixed: bool             # Keras mixed_float16
+    words: str                    # for the log: "Tesla T4, compute 7.5: fp16 autocast + GradScaler; ..."
+
+
+def decide_precision(device_name: str | None, capability: tuple[int, int] | None,
+                     bf16_hardware: bool = True) -> Precision:
+    """The precision for a GPU of this compute capability (None: no GPU, float32).
+
+    bf16 only where the hardware has it (compute capability 8.0 and later, and ``bf16_hardware``:
+    torch.cuda.is_bf16_supported(including_emulation=False)). Kaggle's GPUs have none: a P100 (6.0) or a T4 (7.5)
+    "supports" bf16 only by emulation, which is slower than float32. Tensor cores (7.0 and later) make fp16
+    pay, with a GradScaler because fp16's range is narrow; Keras's mixed_float16 likewise. Below 7.0 (P100)
+    half precision has no tensor cores to run on, so float32: nothing here was measured on a P100 to say
+    otherwise."""
+    if capability is None:
+        return Precision(None, False, "CPU: float32 (a CPU has no fast half-precision units)")
+    where = f"{device_name or 'GPU'}, compute {capability[0]}.{capability[1]}"
+    if tuple(capability) >= (8, 0) and bf16_hardware:
+        return Precision("bfloat16", True, f"{where}: bf16 autocast (hardware bf16, no GradScaler); "
+                                           "Keras mixed_float16")
+    if tuple(capability) >= (7, 0):
+        return Precision("float16", True, f"{where}: fp16 autocast + GradScaler (tensor cores, no bf16 hardware); "
+                                          "Keras mixed_float16")
+    return Precision(None, False, f"{where}: float32 (no tensor cores, no bf16 hardware); Keras float32")
+
+
+@dataclass(frozen=True)
 class TorchRuntime:
-    """Device and precision, decided once: bf16 where the GPU supports it, else fp16 + GradScaler; fp32 on CPU."""
+    """Device and precision, decided once (torch_runtime, decide_precision)."""
     device: Any
     amp_dtype: Any                # torch.bfloat16, torch.float16 or None (fp32)
+    words: str = ""               # the decision in words, for the log
 
     @property
     def use_scaler(self) -> bool:
@@ -2001,12 +2034,24 @@ class TorchRuntime:
         return f"{self.device} / {str(self.amp_dtype).replace('torch.', '') if self.amp_dtype else 'float32'}"
 
 
+def torch_gpu() -> tuple[str, tuple[int, int], bool] | None:
+    """(name, compute capability, hardware bf16) of the GPU Torch sees, or None without one."""
+    import torch
+    if not torch.cuda.is_available():
+        return None
+    try:
+        bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:                                      # torch before 2.3: no emulation flag, ask the capability
+        bf16 = torch.cuda.get_device_capability() >= (8, 0)
+    return torch.cuda.get_device_name(), tuple(torch.cuda.get_device_capability()), bool(bf16)
+
+
 def torch_runtime() -> TorchRuntime:
     import torch
-    if torch.cuda.is_available():
-        device = torch.device("cuda")
-        return TorchRuntime(device, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
-    return TorchRuntime(torch.device("cpu"), None)
+    gpu = torch_gpu()
+    precision = decide_precision(*gpu) if gpu else decide_precision(None, None)
+    amp_dtype = getattr(torch, precision.torch_amp) if precision.torch_amp else None
+    return TorchRuntime(torch.device("cuda" if gpu else "cpu"), amp_dtype, precision.words)
 
 
 def build_time_series_net(in_features: int, n_classes: int = len(GESTURES), pools: int = 3, hidden: int = 128,
@@ -2025,6 +2070,20 @@ def _time_series_net_class():
     from torch import nn
     import torch.nn.functional as F
 
+    class HalvingMaxPool(nn.MaxPool1d):
+        """MaxPool1d(2). In eval mode computed as a reshape and a max, the same numbers, because torch.vmap batches
+        max_pool1d through a kernel that also computes indices: 1.85 ms against 0.35 ms for 18 stacked nets'
+        first stage (measured, 2 CPU cores), the larger part of what stacking with torch.func cost over a
+        hand-written stack. Training keeps max_pool1d (one gradient path on ties)."""
+
+        def __init__(self) -> None:
+            super().__init__(2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if self.training:
+                return super().forward(x)
+            return x[..., : x.shape[-1] // 2 * 2].unflatten(-1, (-1, 2)).amax(-1)
+
     class TimeSeriesNet(nn.Module):
         def __init__(self, in_features: int, n_classes: int, pools: int, hidden: int, dropout: float,
                      width: int) -> None:
@@ -2033,7 +2092,7 @@ def _time_series_net_class():
             channels = in_features
             for out_channels, kernel in conv_plan(width, pools):
                 layers += [nn.Conv1d(channels, out_channels, kernel, padding=kernel // 2),
-                           nn.BatchNorm1d(out_channels), nn.GELU(), nn.MaxPool1d(2)]
+                           nn.BatchNorm1d(out_channels), nn.GELU(), HalvingMaxPool()]
                 channels = out_channels
             self.conv = nn.Sequential(*layers, nn.Dropout(dropout))
             # Derived from the layers, never typed twice: the mask is pooled exactly as often as the signal.
@@ -2048,10 +2107,18 @@ def _time_series_net_class():
                 mask = F.max_pool1d(mask.unsqueeze(1), kernel_size=pool.kernel_size, stride=pool.stride).squeeze(1)
             return mask
 
-        def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-            h = self.conv(x.transpose(1, 2)).transpose(1, 2)         # (B, T', C)
-            m = self.downsample_mask(mask)[:, : h.size(1)]
-            h, _ = self.rnn(h)
+        # forward() in three stages, so that stacked inference (StackedNets) can batch the stages torch.func can
+        # batch and run the one it cannot (the GRU) net by net, without a second copy of any of them.
+        def encode(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            """(B, T, F) frames and (B, T) mask -> (B, T', C) conv features and the mask pooled alike."""
+            h = self.conv(x.transpose(1, 2)).transpose(1, 2)
+            return h, self.downsample_mask(mask)[:, : h.size(1)]
+
+        def recur(self, h: torch.Tensor) -> torch.Tensor:
+            return self.rnn(h)[0]
+
+        def classify(self, h: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+            """Attention over the real steps plus a masked mean, then the head: (B, T', 2H) -> (B, classes) logits."""
             logits = self.attention(h).squeeze(-1)
             # where(), not adding a large negative: a fully padded row stays finite (uniform weights).
             logits = torch.where(m > 0, logits, torch.full_like(logits, ATTENTION_FILL))
@@ -2061,90 +2128,69 @@ def _time_series_net_class():
             mean = (h * m.unsqueeze(-1).to(h.dtype)).sum(dim=1) / denom   # a second, masked-mean pooling
             return self.head(torch.cat([attended, mean], dim=1))
 
+        def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            h, m = self.encode(x, mask)
+            return self.classify(self.recur(h), m)
+
     return TimeSeriesNet
 
 
-def stack_fold_nets(nets: Sequence[Any], weights: Sequence[float] | None = None):
-    """K trained TimeSeriesNets of one architecture as ONE network for inference (eval mode only).
+class StackedNets:
+    """K trained TimeSeriesNets of one architecture, run for inference as one batched call (eval mode).
 
-    predict() answers one sequence at a time, and at batch size one a net's ~40 small ops cost more in
-    per-op overhead than in arithmetic (~4 ms per net on 2 CPU cores). Stacked, each conv becomes one
-    grouped conv (groups=K), each BatchNorm one BatchNorm over K x channels, attention and head batched
-    einsums; only the K GRUs still run one after another. Five folds: 12.7 ms instead of 19.4 (measured).
-    The result is the ``weights``-weighted mean (default: the mean) of the K nets' softmax outputs, equal to the
-    loop's to float precision."""
-    return _fold_stack_class()(list(nets), weights)
+    predict() answers one sequence at a time, and at batch size one a net's ~40 small ops cost more in per-op
+    overhead than in arithmetic. torch.func stacks the K nets' weights side by side (stack_module_state) and
+    vmap runs each net's own ``encode`` and ``classify`` over all of them at once (the convolutions become one
+    grouped convolution); torch.func has no batching rule for the GRU, so ``recur`` runs net by net (one GRU
+    with block-diagonal weights computes K^2 blocks to use K and measured 3x slower). Nothing of the network is
+    written twice: a change to TimeSeriesNet is a change here. The result is the ``weights``-weighted mean
+    (default: the mean) of the K nets' softmax outputs, equal to a loop over the nets to float precision."""
+
+    def __init__(self, nets: Sequence[Any], weights: Sequence[float] | None = None) -> None:
+        import torch
+        from torch.func import functional_call, stack_module_state
+        self.nets = [net.eval() for net in nets]
+        shares = torch.ones(len(self.nets)) if weights is None else torch.as_tensor(weights, dtype=torch.float32)
+        self.shares = shares / shares.sum()
+        params, buffers = stack_module_state(self.nets)
+        stacked = {f"net.{name}": value for name, value in (params | buffers).items()}
+        template = copy.deepcopy(self.nets[0]).to("meta")     # the architecture, without weights of its own
+
+        def stage(method: str, modules: tuple[str, ...]) -> tuple[Callable[..., Any], dict[str, Any]]:
+            """A stage as a function of its own weights only: swapping fewer tensors per call costs less Python
+            time (predict() runs the families side by side, and Python time holds the others up)."""
+            caller = _method_caller(template, method)
+            state = {name: value for name, value in stacked.items() if name.split(".")[1] in modules}
+            return lambda weights, *args: functional_call(caller, weights, args, tie_weights=False), state
+
+        encode, self.encode_state = stage("encode", ("conv",))
+        classify, self.classify_state = stage("classify", ("attention", "head"))
+        self.encode = torch.vmap(encode, in_dims=(0, 0, None))                  # one mask for every net
+        self.classify = torch.vmap(classify, in_dims=(0, 0, 0))
+
+    def __call__(self, x, mask):
+        """x: (K, B, T, F), net k's own standardised input; mask: (B, T). Returns (B, classes) probabilities."""
+        import torch
+        h, m = self.encode(self.encode_state, x, mask)                          # (K, B, T', C), (K, B, T')
+        h = torch.stack([net.recur(h[k]) for k, net in enumerate(self.nets)])
+        probs = torch.softmax(self.classify(self.classify_state, h, m).float(), dim=-1)   # (K, B, classes)
+        return torch.einsum("kbc,k->bc", probs, self.shares)
 
 
-@functools.cache
-def _fold_stack_class():
-    import torch
+def _method_caller(module, method: str):
+    """A module whose forward() is ``module.<method>``: torch.func.functional_call swaps weights into a module's
+    forward, and StackedNets calls the network's stages one at a time."""
     from torch import nn
-    import torch.nn.functional as F
 
-    def cat_blocks(tensors: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
-        return torch.cat([t.detach() for t in tensors], dim=dim)
-
-    class FoldStackNet(nn.Module):
-        def __init__(self, nets: list[nn.Module], weights: Sequence[float] | None) -> None:
+    class MethodCaller(nn.Module):
+        def __init__(self) -> None:
             super().__init__()
-            first = nets[0]
-            self.k = len(nets)
-            shares = torch.ones(self.k) if weights is None else torch.as_tensor(weights, dtype=torch.float32)
-            self.register_buffer("shares", shares / shares.sum())
-            layers: list[nn.Module] = []
-            for i, module in enumerate(first.conv):
-                parts = [net.conv[i] for net in nets]
-                if isinstance(module, nn.Conv1d):
-                    conv = nn.Conv1d(module.in_channels * self.k, module.out_channels * self.k, module.kernel_size[0],
-                                     padding=module.padding[0], groups=self.k)
-                    conv.weight.data, conv.bias.data = cat_blocks([p.weight for p in parts]), cat_blocks(
-                        [p.bias for p in parts])
-                    layers.append(conv)
-                elif isinstance(module, nn.BatchNorm1d):
-                    bn = nn.BatchNorm1d(module.num_features * self.k, eps=module.eps)
-                    for name in ("weight", "bias", "running_mean", "running_var"):
-                        getattr(bn, name).data = cat_blocks([getattr(p, name) for p in parts])
-                    layers.append(bn)
-                elif isinstance(module, (nn.GELU, nn.MaxPool1d)):
-                    layers.append(module)
-                elif not isinstance(module, nn.Dropout):             # eval only: dropout is the identity
-                    raise TypeError(f"cannot stack a {type(module).__name__} layer")
-            self.conv = nn.Sequential(*layers)
-            self.pools = first.pools
-            # The GRUs stay separate: one GRU with block-diagonal weights computes K^2 blocks to use K and
-            # measured 3x slower than the K small GRUs it replaces (it is memory-bound at batch one).
-            self.rnns = nn.ModuleList(net.rnn for net in nets)
-            self.att_w = nn.Parameter(torch.stack([n.attention.weight.detach()[0] for n in nets]))   # (K, 2H)
-            self.att_b = nn.Parameter(torch.stack([n.attention.bias.detach()[0] for n in nets]))     # (K,)
-            self.w1 = nn.Parameter(torch.stack([n.head[0].weight.detach() for n in nets]))           # (K, 2H, 4H)
-            self.b1 = nn.Parameter(torch.stack([n.head[0].bias.detach() for n in nets]))
-            self.w2 = nn.Parameter(torch.stack([n.head[3].weight.detach() for n in nets]))           # (K, C, 2H)
-            self.b2 = nn.Parameter(torch.stack([n.head[3].bias.detach() for n in nets]))
-            self.eval()
+            self.net = module
 
-        def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-            """x: (B, K, T, F), each net's own standardised input; mask: (B, T). Returns (B, C) probabilities."""
-            b, k, t, f = x.shape
-            h = self.conv(x.permute(0, 1, 3, 2).reshape(b, k * f, t)).transpose(1, 2)        # (B, T', K*C)
-            m = mask
-            for pool in self.pools:
-                m = F.max_pool1d(m.unsqueeze(1), kernel_size=pool.kernel_size, stride=pool.stride).squeeze(1)
-            m = m[:, : h.size(1)]
-            h = h.reshape(b, h.size(1), k, -1)                                                # (B, T', K, C)
-            h = torch.stack([rnn(h[:, :, i])[0] for i, rnn in enumerate(self.rnns)], dim=2)   # (B, T', K, 2H)
-            logits = torch.einsum("btkc,kc->btk", h, self.att_w) + self.att_b
-            logits = torch.where(m.unsqueeze(-1) > 0, logits, torch.full_like(logits, ATTENTION_FILL))
-            weights = torch.softmax(logits.float(), dim=1).to(h.dtype)
-            attended = torch.einsum("btk,btkc->bkc", weights, h)
-            real = m.unsqueeze(-1).unsqueeze(-1).to(h.dtype)
-            mean = (h * real).sum(dim=1) / m.sum(dim=1).clamp(min=1).view(b, 1, 1).to(h.dtype)
-            z = torch.cat([attended, mean], dim=-1)                                           # (B, K, 4H)
-            z = F.gelu(torch.einsum("bki,koi->bko", z, self.w1) + self.b1)
-            out = torch.einsum("bki,koi->bko", z, self.w2) + self.b2                          # (B, K, classes)
-            return torch.einsum("bkc,k->bc", torch.softmax(out.float(), dim=-1), self.shares)
+        def forward(self, *args: Any) -> Any:
+            return getattr(self.net, method)(*args)
 
-    return FoldStackNet
+    return MethodCaller()
 
 
 class EarlyStopper:
@@ -2175,9 +2221,11 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 def accumulate_gradients(model, batches: Iterable[tuple[Any, Any, Any]], group_size: int, runtime: TorchRuntime,
                          scaler=None, oom_hook: Callable[[int], None] | None = None) -> float:
-    """Forward/backward over the micro-batches of one optimizer step. Each micro-batch's mean loss is
-    weighted by its share of the group, so the summed gradient equals one big batch's (exactly, up to
-    float error, when BatchNorm sees the same statistics). Returns the group's mean loss."""
+    """Forward/backward over the micro-batches of one optimizer step. Each micro-batch's mean loss is weighted by
+    its share of the group's rows, so the summed gradient is the share-weighted sum of the micro-batches' own
+    gradients. That is one big batch's gradient for every layer but BatchNorm, which in training normalises each
+    micro-batch with its own statistics (as any accumulation does); tested both ways. Returns the group's mean
+    loss."""
     import torch.nn.functional as F
     total = 0.0
     for x, mask, y in batches:
@@ -2409,10 +2457,10 @@ def train_torch(inputs: DeepInputs, sequences: pl.DataFrame, folds: np.ndarray, 
     dl_cfg = resolve_device_defaults(dl_cfg, runtime.device.type == "cuda", "DL")
     channels = deep_channels(variant)
     pad_len = torch_pad_length(inputs.lengths, dl_cfg)
-    LOG.info("Torch %-4s | %d channels, pad %d, %d pooling stages of width %d, GRU %d, batch %d, %d epochs, "
-             "%d seed(s), selection %s, full-data refit %s", variant, len(channels), pad_len, dl_cfg.POOLS,
-             dl_cfg.CONV_WIDTH, dl_cfg.HIDDEN, dl_cfg.BATCH_SIZE, dl_cfg.EPOCHS, dl_cfg.SEEDS, recipe.SELECTION,
-             "on" if full_fit else "off")
+    LOG.info("Torch %-4s | %s | %d channels, pad %d, %d pooling stages of width %d, GRU %d, batch %d, %d epochs, "
+             "%d seed(s), selection %s, full-data refit %s", variant, runtime.words or runtime.describe(),
+             len(channels), pad_len, dl_cfg.POOLS, dl_cfg.CONV_WIDTH, dl_cfg.HIDDEN, dl_cfg.BATCH_SIZE, dl_cfg.EPOCHS,
+             dl_cfg.SEEDS, recipe.SELECTION, "on" if full_fit else "off")
     LOG.info(log_table_row(EPOCH_LOG_HEADER, EPOCH_LOG_WIDTHS))
 
     def fit_model(job: DeepJob) -> dict[str, Any]:
@@ -2662,10 +2710,11 @@ def import_keras_quietly():
 
 
 @functools.cache
-def keras_backend_and_gpu() -> tuple[str, bool]:
-    """Import Keras (its backend comes from KERAS_BACKEND; TensorFlow when unset) and find a GPU. With
-    TensorFlow, GPU memory growth is switched on here, before any TensorFlow op, so that Torch and
-    TensorFlow can share one GPU in one notebook (TensorFlow otherwise reserves nearly all of it)."""
+def keras_backend_and_gpu() -> tuple[str, tuple[str, tuple[int, int], bool] | None]:
+    """Import Keras (its backend comes from KERAS_BACKEND; TensorFlow when unset) and find a GPU: (backend,
+    (name, compute capability, hardware bf16) or None). With TensorFlow, GPU memory growth is switched on here,
+    before any TensorFlow op, so that Torch and TensorFlow can share one GPU in one notebook (TensorFlow
+    otherwise reserves nearly all of it)."""
     keras = import_keras_quietly()
     backend = keras.backend.backend()
     if backend == "tensorflow":
@@ -2677,27 +2726,35 @@ def keras_backend_and_gpu() -> tuple[str, bool]:
             except RuntimeError as exc:                    # TensorFlow was initialised earlier in this process
                 LOG.warning("Could not enable TensorFlow GPU memory growth (%s): TensorFlow may reserve the whole "
                             "GPU", exc)
-        return backend, bool(gpus)
+        if not gpus:
+            return backend, None
+        details = tf.config.experimental.get_device_details(gpus[0])
+        capability = tuple(details.get("compute_capability") or (0, 0))
+        return backend, (details.get("device_name", "GPU"), capability, capability >= (8, 0))
     if backend == "torch":
-        import torch
-        return backend, torch.cuda.is_available()
+        return backend, torch_gpu()
     if backend == "jax":
         import jax
-        return backend, any(d.platform == "gpu" for d in jax.devices())
-    return backend, False
+        gpus = [d for d in jax.devices() if d.platform == "gpu"]
+        if not gpus:
+            return backend, None
+        capability = tuple(int(v) for v in str(getattr(gpus[0], "compute_capability", "0.0")).split(".")[:2])
+        return backend, (gpus[0].device_kind, capability, capability >= (8, 0))
+    return backend, None
 
 
 def keras_runtime(speed: KerasSpeedConfig) -> KerasRuntime:
-    """KERAS_MP unset: mixed precision with a GPU, float32 without one (mixed_float16 runs 4-5x slower
-    than float32 on a CPU, which has no fast fp16 units; notes 1-4 assumed a GPU). 1/0 force it."""
+    """KERAS_MP unset: decide_precision's choice for the device (mixed_float16 from compute capability 7.0;
+    float32 on a CPU, where it runs 4-5x slower, and on a P100, which has no tensor cores; notes 1-4 assumed a
+    GPU). 1/0 force it."""
     backend, gpu = keras_backend_and_gpu()
     if speed.MIXED_PRECISION is None:
-        mixed = gpu
-        reason = "auto: GPU found" if gpu else "auto: no GPU, and mixed_float16 is slower than float32 on a CPU"
+        precision = decide_precision(*gpu) if gpu else decide_precision(None, None)
+        mixed, reason = precision.keras_mixed, f"auto: {precision.words}"
     else:
         mixed = speed.MIXED_PRECISION
         reason = f"KERAS_MP={int(mixed)}"
-    return KerasRuntime(backend, gpu, mixed, speed.JIT_COMPILE, reason)
+    return KerasRuntime(backend, gpu is not None, mixed, speed.JIT_COMPILE, reason)
 
 
 @contextlib.contextmanager
@@ -2926,7 +2983,8 @@ class KerasFoldTrainer:
         x_valid = data.standardize(x_valid, m_valid)
         n = len(data.y)
         total_steps = epochs * (n // batch + (1 if n % batch >= 2 else 0))
-        keeper = EpochKeeper(label, y_valid, score_mask, watch, self.cfg.EARLY_STOPPING_PATIENCE, 0.0)
+        keeper = EpochKeeper(label, y_valid, score_mask, watch, self.cfg.EARLY_STOPPING_PATIENCE,
+                             self.cfg.ES_MIN_DELTA)
         step = 0
         for x_ep, m_ep, t_ep in prefetched_epochs(data, epochs):
             started = time.perf_counter()
@@ -3323,8 +3381,24 @@ class _ThrottledWarnings:
         return dict(self.counts)
 
 
+def warn_overridden_settings(manifest: dict[str, Any]) -> None:
+    """Log, once per load, each environment variable set now that the saved models override: the models were
+    trained with the manifest's mirroring and their weights searched for its decoding, so predict() answers with
+    those whatever the environment says now."""
+    saved = {"CMI_MIRROR_LEFT_HANDED": manifest.get("mirror_left_handed", True),
+             "ENSEMBLE_DECODING": manifest.get("decoding", "argmax")}
+    for variable, value in saved.items():
+        raw = _env_raw(variable)
+        if raw is None or (variable == "ENSEMBLE_DECODING" and raw == "auto"):     # auto: the run's choice
+            continue
+        wanted = raw.lower() in _TRUE if variable == "CMI_MIRROR_LEFT_HANDED" else raw
+        if wanted != value:
+            LOG.warning("%s=%s is set, but the saved models were trained with %s: predict() uses the models' "
+                        "setting (retrain to change it)", variable, raw, json.dumps(value))
+
+
 class GesturePredictor:
-    """Loaded artifacts plus the per-sequence path: sanitize -> frame features -> aggregates -> models."""
+    """Loaded artifacts plus the per-sequence path: admit -> sanitize -> frame features -> aggregates -> models."""
 
     def __init__(self, model_dir: Path, warnings: _ThrottledWarnings, strict: bool = False) -> None:
         """``strict``: stop (ConfigError) on features that differ or a model file that fails to load, as an
@@ -3336,6 +3410,7 @@ class GesturePredictor:
         if self.manifest.get("classes") != list(GESTURES):
             raise ValueError(f"{manifest_path}: class list differs from this script's 18 gestures")
         self.mirror = bool(self.manifest.get("mirror_left_handed", True))
+        warn_overridden_settings(self.manifest)
         check_model_features(self.manifest, self.mirror, manifest_path, strict)
         self.defaults = {k: float(v) for k, v in self.manifest.get("demographic_defaults", {}).items()}
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="predict")
@@ -3389,10 +3464,26 @@ class GesturePredictor:
     _KNOWN_COLUMNS = frozenset(TEST_COLUMNS + LABEL_COLUMNS)
     _TEST_COLUMN_SET = frozenset(TEST_COLUMNS)
 
+    def admit(self, sequence: Any, demographics: Any) -> tuple[pl.DataFrame, pl.DataFrame | None]:
+        """predict()'s one door: whatever it is given (polars, pandas, pyarrow, a dict of columns) becomes a polars
+        frame here, with the id columns as strings, so every later step (features, demographics, the per-subject
+        assignment) sees one form. The gateway sends polars; a notebook user often passes pandas."""
+        frames = []
+        for table, what in ((sequence, "sequence"), (demographics, "demographics")):
+            if table is not None and not isinstance(table, pl.DataFrame):
+                self.warnings.warn("input_type", f"{what} given as {type(table).__module__}.{type(table).__name__}: "
+                                                 "converted to a polars DataFrame")
+                kind = type(table).__module__.split(".")[0]
+                table = (pl.from_pandas(table) if kind == "pandas" else pl.from_arrow(table) if kind == "pyarrow"
+                         else pl.DataFrame(table))
+            if table is not None:
+                ids = [c for c in ("sequence_id", "subject") if c in table.columns and table.schema[c] != pl.String]
+                table = table.with_columns(pl.col(ids).cast(pl.String)) if ids else table
+            frames.append(table)
+        return frames[0], frames[1]
+
     def sanitize(self, sequence: pl.DataFrame, demographics: pl.DataFrame | None) -> tuple[np.ndarray, dict[str, float]]:
         """(raw sensor matrix in counter order, demographics values); warns about every oddity."""
-        if not isinstance(sequence, pl.DataFrame):
-            sequence = pl.DataFrame(sequence)                 # pandas or dict input: best effort
         columns = sequence.columns
         present = set(columns)
         missing = [c for c in SENSOR_COLUMNS if c not in present]
@@ -3424,7 +3515,7 @@ class GesturePredictor:
 
     def _demographics(self, sequence: pl.DataFrame, demographics: pl.DataFrame | None) -> dict[str, float]:
         values = dict(self.defaults)
-        if demographics is None or not isinstance(demographics, pl.DataFrame) or demographics.height == 0:
+        if demographics is None or demographics.height == 0:
             self.warnings.warn("demographics", "no demographics row: using training medians (right-handed)")
             return values
         row = demographics.row(0, named=True)
@@ -3491,7 +3582,7 @@ class GesturePredictor:
             return int(decide_gestures(probs[None], self.decoding)[0])
         try:
             subject = sequence["subject"][0] if "subject" in sequence.columns and sequence.height else None
-            return self.assigner.answer(None if subject is None else str(subject), probs)
+            return self.assigner.answer(subject, probs)             # a string: admit() made it one
         except Exception as exc:                            # never worse than the plain answer
             self.warnings.warn("per_subject", f"per-subject assignment failed ({type(exc).__name__}: {exc}); "
                                               "answering the decoded probabilities")
@@ -3595,8 +3686,7 @@ class TorchFamily:
         # One stacked network when the folds share an architecture (they do within a run), else a loop.
         same = len({(ck["in_features"], ck["pools"], ck["hidden"], ck["conv_width"], ck["pad_len"])
                     for ck in checkpoints}) == 1
-        self.stack = (stack_fold_nets([m[0] for m in self.models], self.weights) if same and len(self.models) > 1
-                      else None)
+        self.stack = StackedNets([m[0] for m in self.models], self.weights) if same and len(self.models) > 1 else None
         if self.stack is not None:
             self.pad_len = self.models[0][3]
             self.means = np.stack([m[1] for m in self.models])[:, None]      # (K, 1, C): each fold's normalisation
@@ -3614,9 +3704,9 @@ class TorchFamily:
         if self.stack is not None:
             import torch
             x, mask = pad_last_frames(channels, self.pad_len)
-            x = standardize_frames(x[None], mask[None], self.means, self.stds)     # (K, T, C)
+            x = standardize_frames(x[None], mask[None], self.means, self.stds)[:, None]     # (K, 1, T, C)
             with torch.inference_mode():
-                return self.stack(torch.from_numpy(x[None]), torch.from_numpy(mask[None])).numpy()[0].astype(np.float64)
+                return self.stack(torch.from_numpy(x), torch.from_numpy(mask[None])).numpy()[0].astype(np.float64)
         probs = []
         for net, mean, std, pad_len in self.models:
             x, mask = pad_last_frames(channels, pad_len)
@@ -3728,7 +3818,8 @@ def answer_counts() -> dict[str, Any]:
 
 
 def predict(sequence: pl.DataFrame, demographics: pl.DataFrame) -> str:
-    """The competition's entry point: one sequence (test.csv columns) + its demographics row -> a gesture.
+    """The competition's entry point: one sequence (test.csv columns) + its demographics row -> a gesture. Polars
+    frames, as the gateway sends them; pandas and other tables are converted once, at the door (admit).
 
     main() loads the models before the first call; called on its own, the first call loads them (failures
     reported loudly, once). Never raises: any failure logs a warning with the reason and
@@ -3736,6 +3827,7 @@ def predict(sequence: pl.DataFrame, demographics: pl.DataFrame) -> str:
     """
     try:
         predictor = _get_predictor()
+        sequence, demographics = predictor.admit(sequence, demographics)
         probs, _ = predictor.predict_proba(sequence, demographics)
         if not np.all(np.isfinite(probs)):
             raise ValueError("model probabilities are not finite")

@@ -61,7 +61,7 @@ def trained_run(tiny_data, tmp_path_factory) -> tuple[Path, dict]:
 def all_families_run(tiny_data, tmp_path_factory) -> tuple[Path, dict]:
     """The default run (every family on), 1-2 epochs, two folds, small batches: the shape of the real thing."""
     out = tmp_path_factory.mktemp("all_families")
-    with script_env(DL_EPOCHS="1", KERAS_EPOCHS="2", DL_BATCH_SIZE="64", KERAS_BATCH_SIZE="64",
+    with script_env(DL_EPOCHS="3", KERAS_EPOCHS="2", DL_BATCH_SIZE="32", KERAS_BATCH_SIZE="64",
                     LGBM_N_ESTIMATORS="20", LGBM_ES_ROUNDS="5", ENSEMBLE_TRIALS="64"):
         result = ti.main(["--data-dir", str(tiny_data), "--output-dir", str(out), "--folds", "2"])
     return out, result

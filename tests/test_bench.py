@@ -1,4 +1,5 @@
 """The GPU-ready bench commands, run on the CPU with a tiny data set: they finish and write their tables."""
+import json
 import os
 import subprocess
 import sys
@@ -51,3 +52,18 @@ def test_score_bench_runs_a_row_and_writes_its_ablation_table(tiny_data, tmp_pat
     result = __import__("json").loads((out / "jobs" / "honest_seed1" / "score.json").read_text())
     assert set(result["holdout"]) >= {"torch", "blend", "predict"} and "torch/imu" in result["oof"]
     assert _run(["bench/bench_score.py", "--report", "--out", str(out)], tmp_path).strip() == table.strip()
+
+
+def test_predict_bench_times_every_implementation_on_the_same_models(all_families_run, tiny_data, tmp_path):
+    models = tmp_path / "lgbm_torch"                          # Torch is what the implementations differ in
+    models.mkdir()
+    manifest = json.loads((all_families_run[0] / "artifacts.json").read_text())
+    manifest["families"].pop("keras")
+    (models / "artifacts.json").write_text(json.dumps(manifest))
+    (models / "models").symlink_to(all_families_run[0] / "models")
+    printed = _run(["bench/bench_predict.py", "--model-dir", str(models), "--data-dir", str(tiny_data), "--calls", "12",
+                    "--baseline-script", str(ROOT / "train_infer.py")], tmp_path)
+    rows = [line for line in printed.splitlines() if line.startswith("| lgbm_torch |")]
+    assert [row.split(" | ")[1] for row in rows] == ["torch.func stack (this script)",
+                                                     "plain loop over the nets (this script)", "train_infer.py"]
+    assert all(row.endswith("| 100% |") for row in rows)     # the same answers, whichever implementation

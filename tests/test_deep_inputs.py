@@ -166,21 +166,34 @@ def test_stretch_and_crop_keep_the_end_of_the_gesture():
         assert (np.diff(out[i, :real, 0]) >= 0).all()                 # time still runs forward
 
 
-def test_augmentation_never_runs_at_inference(monkeypatch):
+def _inference_family(family):
+    """A loaded family of two untrained full-route nets, as predict() holds them."""
+    if family == "torch":
+        torch = pytest.importorskip("torch")
+        nets = [ti.build_time_series_net(len(FULL), hidden=8) for _ in range(2)]
+        checkpoints = [{"state_dict": net.state_dict(), "mean": torch.zeros(len(FULL)), "std": torch.ones(len(FULL)),
+                        "pad_len": 90, "channels": FULL, "in_features": len(FULL), "pools": 3, "hidden": 8,
+                        "dropout": 0.3} for net in nets]
+        return ti.TorchFamily(checkpoints, FULL)
+    pytest.importorskip("keras")
+    models = [ti.keras_inference_model(ti.build_keras_model(len(FULL), 90, 3, hidden=8, name=f"n{k}"),
+                                       np.zeros(len(FULL)), np.ones(len(FULL)), f"m{k}") for k in range(2)]
+    return ti.KerasFamily(models, FULL)
+
+
+@pytest.mark.parametrize("family", ["torch", "keras"])
+def test_augmentation_never_runs_at_inference(family, monkeypatch):
+    """predict()'s models neither call the augmentation nor run in training mode (dropout is random there): the
+    same sequence gets the same finite answer every time."""
     def forbidden(*args, **kwargs):
         raise AssertionError("augmentation at inference")
 
     monkeypatch.setattr(ti, "augment_in_sensor_units", forbidden)
     monkeypatch.setattr(ti, "augment_standardized", forbidden)
-    torch = pytest.importorskip("torch")
-    nets = [ti.build_time_series_net(len(FULL), hidden=8).eval() for _ in range(2)]
-    checkpoints = [{"state_dict": net.state_dict(), "mean": torch.zeros(len(FULL)), "std": torch.ones(len(FULL)),
-                    "pad_len": 90, "channels": FULL, "in_features": len(FULL), "pools": 3, "hidden": 8,
-                    "dropout": 0.3} for net in nets]
-    family = ti.TorchFamily(checkpoints, FULL)
+    loaded = _inference_family(family)
     inputs = ti.SequenceInputs(_frames(50), {})
-    first = family.predict(inputs)
-    assert np.array_equal(first, family.predict(inputs)) and np.isfinite(first).all()
+    answers = [loaded.predict(inputs) for _ in range(3)]
+    assert np.isfinite(answers[0]).all() and all(np.array_equal(answers[0], a) for a in answers[1:])
 
 
 def test_recipe_switches_are_read_from_the_environment(monkeypatch):

@@ -200,7 +200,7 @@ def test_tensorflow_start_up_chatter_is_off_unless_the_user_set_the_level(tmp_pa
     if user_level is None:
         assert chatter == (False, False), proc.stderr
     else:
-        assert chatter[0], proc.stderr                      # the user's own level: TensorFlow's output untouched
+        assert any(chatter), proc.stderr                     # the user's own level: TensorFlow's output untouched
 
 
 # ── One compiled model per variant: a reused trainer trains a fold exactly as a fresh one would ────────
@@ -245,9 +245,13 @@ def test_a_reused_trainer_trains_each_fold_exactly_as_a_fresh_model(tmp_path, mo
 
 @pytest.mark.parametrize("inner", [False, True])
 def test_the_kept_keras_epoch_never_reads_the_out_of_fold_rows(tmp_path, monkeypatch, inner):
-    """Two folds that differ only in their out-of-fold rows keep the same epoch and the same weights."""
+    """Two folds that differ only in their out-of-fold rows keep the same epoch and the same weights; the early
+    stopping reads its own variables (KERAS_ES_MIN_DELTA as Torch reads TORCH_ES_MIN_DELTA)."""
     monkeypatch.setenv("KERAS_BATCH_SIZE", "64")
     monkeypatch.setenv("KERAS_ES_PATIENCE", "1")
+    monkeypatch.setenv("KERAS_ES_MIN_DELTA", "0.25")
+    stoppers, stopper = [], ti.EarlyStopper
+    monkeypatch.setattr(ti, "EarlyStopper", lambda *args: stoppers.append(args) or stopper(*args))
     keras_cfg, runtime = _cpu_config(), ti.keras_runtime(ti.KerasSpeedConfig())
     trainer = ti.KerasFoldTrainer(21, 90, keras_cfg, runtime, "keras_h")
     xw, mw, yw = _fold_arrays(9, n=50)
@@ -261,6 +265,7 @@ def test_the_kept_keras_epoch_never_reads_the_out_of_fold_rows(tmp_path, monkeyp
         kept.append((result["epoch"], keras.saving.load_model(path).get_weights()))
     assert kept[0][0] == kept[1][0] and (inner or kept[0][0] == 3)
     assert all(np.array_equal(a, b) for a, b in zip(kept[0][1], kept[1][1]))
+    assert stoppers == [(1, 0.25)] * 2
 
 
 def test_keras_trains_on_a_new_augmented_epoch_each_epoch(tmp_path, monkeypatch):
@@ -288,3 +293,14 @@ def test_keras_saved_standardisation_equals_the_numpy_one():
     front = keras.Model(wrapped.inputs, wrapped.get_layer("mask_frames").output)
     np.testing.assert_allclose(np.asarray(front.predict_on_batch([x, mask])), ti.standardize_frames(x, mask, mean, std),
                                atol=1e-5)
+
+
+@pytest.mark.parametrize("gpu,mixed", [(None, False), (("Tesla P100-PCIE-16GB", (6, 0), False), False),
+                                       (("Tesla T4", (7, 5), False), True), (("NVIDIA H100", (9, 0), True), True)])
+def test_keras_mixed_precision_only_from_compute_capability_7(gpu, mixed, monkeypatch):
+    monkeypatch.setattr(ti, "keras_backend_and_gpu", lambda: ("tensorflow", gpu))
+    runtime = ti.keras_runtime(ti.KerasSpeedConfig())
+    assert runtime.gpu == (gpu is not None) and runtime.mixed_precision is mixed
+    assert runtime.reason.startswith("auto: " + ("CPU" if gpu is None else f"{gpu[0]}, compute"))
+    monkeypatch.setenv("KERAS_MP", "1")                     # forcing it still wins
+    assert ti.keras_runtime(ti.KerasSpeedConfig()).mixed_precision is True

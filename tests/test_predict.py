@@ -221,3 +221,52 @@ def test_real_test_sequences_get_valid_gestures(predictor):
         assert route == "full"
         answers.append(ti.predict(sequence, demo))
     assert len(answers) == 2 and all(a in ti.GESTURES for a in answers)
+
+
+def test_pandas_input_goes_through_one_door_to_every_step(trained_run, tiny_data, monkeypatch, warnings_seen):
+    """A notebook user's pandas frames (ids as integers, columns in another order) are converted once at
+    predict()'s door: the demographics row is read (mirroring, LightGBM's demographic columns), the per-subject
+    assignment runs, and every probability equals the polars call's."""
+    monkeypatch.setenv("ENSEMBLE_PER_SUBJECT", "1")
+    sequences = [(s, d) for _, s, d in _test_sequences(tiny_data)[:8]]
+    answers, histories = {}, {}
+    for kind in ("polars", "pandas"):
+        ti.configure_inference(trained_run[0])
+        for sequence, demo in sequences:
+            if kind == "pandas":
+                sequence = sequence.select(list(reversed(sequence.columns))).to_pandas()
+                demo = demo.to_pandas()
+                sequence["subject"] = sequence["subject"].str[5:].astype(int)   # SUBJ_012345 -> 12345
+                demo["subject"] = demo["subject"].str[5:].astype(int)
+            answers.setdefault(kind, []).append(ti.predict(sequence, demo))
+        histories[kind] = {s: np.vstack(rows) for s, rows in ti._get_predictor().assigner.history.items()}
+        counts = ti._PREDICTOR_STATE["warnings"].counts
+        assert counts.get("fallback", 0) == counts.get("per_subject", 0) == counts.get("demographics", 0) == 0
+    assert counts["input_type"] == 2 * len(sequences)       # both frames of every call converted, and said
+    assert answers["pandas"] == answers["polars"]
+    assert len(histories["pandas"]) == len(histories["polars"]) and sum(map(len, histories["polars"].values())) == 8
+    for subject, rows in histories["polars"].items():
+        np.testing.assert_allclose(histories["pandas"][str(int(subject[5:]))], rows, atol=1e-12)
+    ti.configure_inference(None)
+
+
+def test_settings_the_saved_models_override_are_logged_once(trained_run, tiny_data, monkeypatch, warnings_seen):
+    """Mirroring and the decoding come from the models' manifest at inference: set differently now, each is
+    logged as overridden once per load, not per answer, and predict() keeps the models' setting."""
+    sequence, demo = _one(tiny_data)
+    monkeypatch.setenv("CMI_MIRROR_LEFT_HANDED", "0")
+    monkeypatch.setenv("ENSEMBLE_DECODING", "nine_way")
+    ti.configure_inference(trained_run[0])
+    for _ in range(3):
+        ti.predict(sequence, demo)
+    predictor = ti._get_predictor()
+    assert predictor.mirror is True and predictor.decoding == "argmax"
+    assert warnings_seen.text.count("CMI_MIRROR_LEFT_HANDED=0 is set, but the saved models were trained with true") == 1
+    assert warnings_seen.text.count("ENSEMBLE_DECODING=nine_way is set") == 1
+    warnings_seen.clear()
+    monkeypatch.setenv("CMI_MIRROR_LEFT_HANDED", "1")          # the models' own values, or auto: nothing to say
+    monkeypatch.setenv("ENSEMBLE_DECODING", "auto")
+    ti.configure_inference(trained_run[0])
+    ti.predict(sequence, demo)
+    assert "is set, but the saved models" not in warnings_seen.text
+    ti.configure_inference(None)

@@ -17,11 +17,11 @@ def seeds_refit_run(tiny_data, tmp_path_factory):
     with script_env(DL_EPOCHS="1", KERAS_EPOCHS="1", DL_BATCH_SIZE="64", KERAS_BATCH_SIZE="64", DL_SEEDS="2",
                     KERAS_SEEDS="2", FULL_FIT="1", LGBM_N_ESTIMATORS="20", LGBM_ES_ROUNDS="5", ENSEMBLE_TRIALS="16"):
         result = ti.main(["--data-dir", str(tiny_data), "--output-dir", str(out), "--folds", "2"])
-    return out, result
+    return out, result, ti._get_predictor()                 # the run's own loaded models, as predict() used them
 
 
 def test_every_seed_and_refit_model_is_saved_and_listed(seeds_refit_run):
-    out, result = seeds_refit_run
+    out, result, _ = seeds_refit_run
     manifest = json.loads((out / "artifacts.json").read_text())
     for family, ext in (("torch", "pt"), ("keras", "keras")):
         for variant in ti.VARIANTS:
@@ -43,9 +43,8 @@ def test_every_seed_and_refit_model_is_saved_and_listed(seeds_refit_run):
 
 
 def test_predict_uses_fold_models_and_refits_half_and_half(seeds_refit_run, tiny_data):
-    out, _ = seeds_refit_run
-    ti.configure_inference(out)
-    predictor = ti._get_predictor()
+    out, _, predictor = seeds_refit_run
+    assert predictor.model_dir == out
     families = dict(predictor.models["full"])
     assert len(families["torch"].models) == 6 and len(families["lgbm"].models) == 3
     np.testing.assert_allclose(families["torch"].weights, [0.125] * 4 + [0.25] * 2)
@@ -76,7 +75,6 @@ def test_predict_uses_fold_models_and_refits_half_and_half(seeds_refit_run, tiny
     each = [np.asarray(m.predict_on_batch([x[None], mask[None]]))[0] for m in keras_family.models]
     np.testing.assert_allclose(keras_family.predict(inputs), 0.5 * np.mean(each[:4], axis=0) + 0.5 * np.mean(
         each[4:], axis=0), atol=1e-5)
-    ti.configure_inference(None)
 
 
 def test_out_of_fold_rows_average_the_seeds(tiny_data):

@@ -1,5 +1,5 @@
-"""Torch branch: mask/conv alignment, fp16-safe attention, EarlyStopper, exact accumulation, OOM fallback,
-and a tiny two-fold run that trains, saves and predicts."""
+"""Torch branch: mask/conv alignment, fp16-safe attention, EarlyStopper, accumulation in training mode, OOM
+fallback, the precision decision, stacked inference, and the default run's Torch models saved and reloaded."""
 import json
 
 import numpy as np
@@ -9,7 +9,6 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import train_infer as ti  # noqa: E402
-from conftest import script_env  # noqa: E402
 
 
 @pytest.mark.parametrize("pools", [2, 3, 4])
@@ -20,6 +19,14 @@ def test_mask_is_downsampled_exactly_like_the_signal(pools):
         x = torch.zeros(2, pad_len, 5)
         conv_len = net.conv(x.transpose(1, 2)).shape[2]
         assert net.downsample_mask(torch.ones(2, pad_len)).shape[1] == conv_len, (pools, pad_len)
+
+
+def test_pooling_in_eval_mode_is_max_pool1d():
+    pool = ti.build_time_series_net(5, pools=3, hidden=8).pools[0]
+    for length in (29, 44, 90, 91):
+        x = torch.randn(3, 6, length)
+        torch.testing.assert_close(pool.eval()(x), torch.nn.functional.max_pool1d(x, 2), rtol=0, atol=0)
+        torch.testing.assert_close(pool.train()(x), torch.nn.functional.max_pool1d(x, 2), rtol=0, atol=0)
 
 
 def test_mask_downsampling_keeps_real_steps():
@@ -56,13 +63,13 @@ def test_stacked_fold_nets_equal_the_mean_of_the_nets():
                 module.running_var.uniform_(0.5, 2.0)
                 module.weight.data.normal_()
         nets.append(net.eval())
-    stack = ti.stack_fold_nets(nets)
-    x = torch.randn(4, 3, 90, 7)                            # each net gets its own (standardised) input
+    stack = ti.StackedNets(nets)
+    x = torch.randn(3, 4, 90, 7)                            # each net gets its own (standardised) input
     mask = torch.ones(4, 90)
     mask[1, 30:] = 0
     mask[2] = 0                                             # fully padded
     with torch.inference_mode():
-        expected = torch.stack([torch.softmax(net(x[:, k], mask), 1) for k, net in enumerate(nets)]).mean(0)
+        expected = torch.stack([torch.softmax(net(x[k], mask), 1) for k, net in enumerate(nets)]).mean(0)
         got = stack(x, mask)
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
 
@@ -77,24 +84,34 @@ def test_early_stopper_semantics():
     assert stopper.best_epoch == 2
 
 
-def test_accumulation_gives_the_same_gradients_as_one_big_batch():
+def _gradients(net, batches, group_size):
+    net.zero_grad()
+    ti.accumulate_gradients(net, batches, group_size, ti.TorchRuntime(torch.device("cpu"), None))
+    return [p.grad.clone() for p in net.parameters()]
+
+
+def test_accumulation_in_training_mode_weights_each_micro_batch_by_its_share():
+    """In training mode, where accumulation runs, the summed gradient is each micro-batch's own mean-loss gradient
+    weighted by its share of the step's rows (an uneven last micro-batch counts for its rows, not for a whole
+    micro-batch). It is not the big batch's gradient: BatchNorm normalises each micro-batch with that
+    micro-batch's statistics, as with any accumulation. With BatchNorm's statistics fixed (eval) it is."""
     torch.manual_seed(0)
-    net = ti.build_time_series_net(4, pools=3, hidden=8).eval()   # eval: BatchNorm/Dropout fixed, pure math
-    runtime = ti.TorchRuntime(torch.device("cpu"), None)
+    net = ti.build_time_series_net(4, pools=3, hidden=8, dropout=0.0).train()     # no dropout: repeatable
     x, mask = torch.randn(32, 40, 4), torch.ones(32, 40)
     mask[5, 30:] = 0
     y = torch.randint(0, 18, (32,))
-    ti.accumulate_gradients(net, [(x, mask, y)], 32, runtime)
-    big = [p.grad.clone() for p in net.parameters()]
-    net.zero_grad()
-    micro = [(x[i:i + 8], mask[i:i + 8], y[i:i + 8]) for i in range(0, 32, 8)]
-    ti.accumulate_gradients(net, micro, 32, runtime)
-    for a, b in zip(big, [p.grad for p in net.parameters()]):
-        assert torch.allclose(a, b, atol=1e-6)
-    net.zero_grad()                                         # an uneven last micro-batch is weighted by its size
-    ti.accumulate_gradients(net, [(x[:20], mask[:20], y[:20]), (x[20:], mask[20:], y[20:])], 32, runtime)
-    for a, b in zip(big, [p.grad for p in net.parameters()]):
-        assert torch.allclose(a, b, atol=1e-6)
+    parts = [(x[:20], mask[:20], y[:20]), (x[20:], mask[20:], y[20:])]
+    alone = [_gradients(net, [part], len(part[2])) for part in parts]          # each micro-batch's own gradient
+    accumulated = _gradients(net, parts, 32)
+    for acc, first, second in zip(accumulated, *alone):
+        torch.testing.assert_close(acc, first * 20 / 32 + second * 12 / 32, atol=1e-6, rtol=1e-5)
+    big = _gradients(net, [(x, mask, y)], 32)
+    assert any(not torch.allclose(a, b, atol=1e-4) for a, b in zip(accumulated, big))   # BatchNorm's statistics
+    net.eval()
+    big = _gradients(net, [(x, mask, y)], 32)
+    for micro in (parts, [(x[i:i + 8], mask[i:i + 8], y[i:i + 8]) for i in range(0, 32, 8)]):
+        for a, b in zip(big, _gradients(net, micro, 32)):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
 def _tiny_arrays(n=96, pad=40, features=5, seed=0):
@@ -214,64 +231,61 @@ def test_pad_length_fixed_or_percentile(monkeypatch):
     assert ti.torch_pad_length(lengths, ti.DLConfig()) == int(np.ceil(np.percentile(lengths, 95)))
 
 
-@pytest.fixture(scope="module")
-def torch_run(tiny_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("torch_run")
-    with script_env(RUN_TORCH_TRAINING="1", RUN_KERAS_TRAINING="0", DL_EPOCHS="1", DL_BATCH_SIZE="64", LGBM_N_ESTIMATORS="20",
-                    LGBM_ES_ROUNDS="5"):
-        result = ti.main(["--data-dir", str(tiny_data), "--output-dir", str(out), "--folds", "2"])
-    return out, result
-
-
-def test_one_epoch_on_two_folds_trains_saves_and_predicts(torch_run, tiny_data):
-    out, result = torch_run
+def test_two_folds_train_save_and_predict(all_families_run, tiny_data):
+    out, result = all_families_run
     assert sorted(p.name for p in (out / "models").glob("torch_*.pt")) == sorted(
         f"torch_{v}_fold{k}.pt" for v in ("imu", "full") for k in range(2))
     assert (out / "frame_features" / ti.FRAME_STORE_MANIFEST).is_file()
     manifest = json.loads((out / "artifacts.json").read_text())
-    assert set(manifest["families"]) == {"lgbm", "torch"}
+    assert set(manifest["families"]) == {"lgbm", "torch", "keras"}
     routes = {(r["family"], r["route"]) for r in result["summary"]}
     assert {("torch", "imu"), ("torch", "full")} <= routes
     folds = [r for r in result["folds"] if r["family"] == "torch"]
-    assert all(r["effective_batch"] == 64 and r["epochs_run"] == 1 for r in folds)
-    epochs = pl.read_csv(out / "epoch_log.csv")
-    assert epochs.height == 4 and {"fold", "epoch", "loss", "score", "watch_score", "lr", "seconds"} <= set(epochs.columns)
+    assert all(r["effective_batch"] == 32 and r["epochs_run"] == 3 for r in folds)
+    epochs = pl.read_csv(out / "epoch_log.csv").filter(pl.col("family") == "torch")
+    assert epochs.height == 2 * 2 * 3 and {"fold", "epoch", "loss", "score", "watch_score", "lr",
+                                           "seconds"} <= set(epochs.columns)
     fold_csv = pl.read_csv(out / "fold_metrics.csv")
     assert {"micro_batch", "effective_batch", "early_stopped"} <= set(fold_csv.columns)
     assert result["inference"]["warnings"].get("fallback", 0) == 0
-    ti.configure_inference(out)
-    predictor = ti._get_predictor()
-    assert [f for f, _ in predictor.models["imu"]] == ["lgbm", "torch"]
-    test = pl.read_csv(tiny_data / "test.csv")
-    demographics = pl.read_csv(tiny_data / "test_demographics.csv")
-    for _, sequence, demo in list(ti._gateway_sequences(test, demographics, seed=1))[:10]:
-        probs, _ = predictor.predict_proba(sequence, demo)
-        assert probs.shape == (18,) and np.isfinite(probs).all() and probs.sum() == pytest.approx(1, abs=1e-5)
-    ti.configure_inference(None)
 
 
-def test_torch_checkpoint_loads_safely_and_reproduces_oof(torch_run, tiny_data):
-    out, _ = torch_run
+def test_torch_checkpoint_loads_safely_and_reproduces_oof(all_families_run):
+    """A saved fold model, loaded with weights_only, gives the out-of-fold probabilities training recorded for its
+    fold's sequences (from the store's frames; tests/test_parity.py starts from the raw rows)."""
+    out, _ = all_families_run
     ck = torch.load(out / "models" / "torch_full_fold0.pt", map_location="cpu", weights_only=True)
     assert ck["pad_len"] == 90 and ck["pools"] == 3 and ck["classes"] == list(ti.GESTURES)
     assert ck["channels"] == ti.FULL_CHANNELS and ck["selection"] == "fixed"
     family = ti.TorchFamily.load([out / "models" / "torch_full_fold0.pt"], [], ti.FULL_CHANNELS)
-    assert len(family.models) == 1
+    oof = pl.read_parquet(out / "oof_predictions.parquet")
+    store = ti.FrameFeatureStore(out / "frame_features")
+    fold0 = oof.filter((pl.col("fold") == 0) & pl.col("has_thm_tof")).head(8)
+    for row in fold0.iter_rows(named=True):
+        probs = family.predict(ti.SequenceInputs(store.read(row["sequence_id"]), {}))
+        expected = np.array([row[f"torch_full__{g}"] for g in ti.GESTURES])
+        np.testing.assert_allclose(probs, expected, atol=1e-4)
 
 
-def test_bad_input_with_torch_models_loaded(torch_run, tiny_data, warnings_seen):
+def test_bad_input_with_torch_models_loaded(all_families_run, tiny_data, tmp_path, warnings_seen):
     from test_predict import BAD_INPUTS, _one
-    ti.configure_inference(torch_run[0])
+    out = all_families_run[0]
+    manifest = json.loads((out / ti.ARTIFACT_MANIFEST).read_text())
+    manifest["families"] = {"torch": manifest["families"]["torch"]}        # Torch answers every sequence alone
+    (tmp_path / ti.ARTIFACT_MANIFEST).write_text(json.dumps(manifest))
+    (tmp_path / "models").symlink_to(out / "models")
+    ti.configure_inference(tmp_path)
     for case, (make, _) in BAD_INPUTS.items():
         sequence, demo = make(*_one(tiny_data))
         assert ti.predict(sequence, demo) in ti.GESTURES, case
     counts = ti._PREDICTOR_STATE["warnings"].counts
     assert counts.get("fallback", 0) == 1                   # only the empty sequence fell back
+    assert ti.answer_counts()["by_family"] == {"torch/full": 11, "torch/imu": 1}    # only Torch answered
     ti.configure_inference(None)
 
 
-def test_torch_family_stacked_prediction_equals_the_per_fold_loop(torch_run):
-    out, _ = torch_run
+def test_torch_family_stacked_prediction_equals_the_per_fold_loop(all_families_run):
+    out, _ = all_families_run
     paths = sorted((out / "models").glob("torch_full_fold*.pt"))
     family = ti.TorchFamily.load(paths, [], ti.FULL_CHANNELS)
     assert family.stack is not None and len(family.models) == 2
@@ -280,3 +294,37 @@ def test_torch_family_stacked_prediction_equals_the_per_fold_loop(torch_run):
     stacked = family.predict(inputs)
     family.stack = None                                     # the plain loop over fold nets
     np.testing.assert_allclose(stacked, family.predict(inputs), atol=1e-6)
+
+
+# ── Precision from the device's compute capability: Kaggle's P100 and T4 have no bf16 hardware ─────────────
+GPUS = {  # name, compute capability, torch.cuda.is_bf16_supported(including_emulation=False)
+    "P100": ("Tesla P100-PCIE-16GB", (6, 0), False), "T4": ("Tesla T4", (7, 5), False),
+    "A100": ("NVIDIA A100-SXM4-40GB", (8, 0), True), "H100": ("NVIDIA H100 80GB HBM3", (9, 0), True)}
+
+
+def _mock_gpu(monkeypatch, name, capability, bf16):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: name)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
+    # Torch's default (including_emulation=True) says yes on every GPU from compute 6.0: the trap this avoids.
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation or bf16)
+
+
+@pytest.mark.parametrize("gpu,amp,scaler,keras_mixed,words", [
+    ("P100", None, False, False, "Tesla P100-PCIE-16GB, compute 6.0: float32"),
+    ("T4", torch.float16, True, True, "Tesla T4, compute 7.5: fp16 autocast + GradScaler"),
+    ("A100", torch.bfloat16, False, True, "NVIDIA A100-SXM4-40GB, compute 8.0: bf16 autocast"),
+    ("H100", torch.bfloat16, False, True, "NVIDIA H100 80GB HBM3, compute 9.0: bf16 autocast")])
+def test_precision_is_decided_by_compute_capability(gpu, amp, scaler, keras_mixed, words, monkeypatch):
+    _mock_gpu(monkeypatch, *GPUS[gpu])
+    runtime = ti.torch_runtime()
+    assert runtime.device.type == "cuda" and runtime.amp_dtype == amp and runtime.use_scaler == scaler
+    assert runtime.words.startswith(words)
+    assert ti.decide_precision(*GPUS[gpu]).keras_mixed == keras_mixed
+
+
+def test_precision_on_the_cpu_is_float32(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    runtime = ti.torch_runtime()
+    assert runtime.device.type == "cpu" and runtime.amp_dtype is None and not runtime.use_scaler
+    assert runtime.words.startswith("CPU: float32") and not ti.decide_precision(None, None).keras_mixed
