@@ -321,6 +321,10 @@ def test_precision_is_decided_by_compute_capability(gpu, amp, scaler, keras_mixe
     assert runtime.device.type == "cuda" and runtime.amp_dtype == amp and runtime.use_scaler == scaler
     assert runtime.words.startswith(words)
     assert ti.decide_precision(*GPUS[gpu]).keras_mixed == keras_mixed
+    name, capability, bf16 = GPUS[gpu]
+    assert ti.torch_gpu() == (name, capability, bf16)        # hardware bf16, not Torch's emulating default
+    # Even told "bf16" (as the emulating default says from compute 6.0), a GPU below 8.0 does not train in it.
+    assert ti.decide_precision(name, capability, True).torch_amp == (str(amp).replace("torch.", "") if amp else None)
 
 
 def test_precision_on_the_cpu_is_float32(monkeypatch):
