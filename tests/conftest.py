@@ -59,7 +59,7 @@ def trained_run(tiny_data, tmp_path_factory) -> tuple[Path, dict]:
 
 @pytest.fixture(scope="session")
 def all_families_run(tiny_data, tmp_path_factory) -> tuple[Path, dict]:
-    """The default run (every family on), 1-2 epochs, two folds, small batches: the shape of the real thing."""
+    """The default run (every family on), 2-3 epochs, two folds, small batches: the shape of the real thing."""
     out = tmp_path_factory.mktemp("all_families")
     with script_env(DL_EPOCHS="3", KERAS_EPOCHS="2", DL_BATCH_SIZE="32", KERAS_BATCH_SIZE="64",
                     LGBM_N_ESTIMATORS="20", LGBM_ES_ROUNDS="5", ENSEMBLE_TRIALS="64"):
@@ -84,6 +84,18 @@ def other_features_record(scope: str) -> dict:
     finally:
         ti.GRAVITY = saved
         ti.feature_probe.cache_clear()
+
+
+def models_of(source: Path, target: Path, families: dict) -> Path:
+    """A model folder serving ``source``'s saved models with its manifest's families replaced by ``families``
+    ({family: {variant: spec}}): the model files are linked, not copied."""
+    import json
+    manifest = json.loads((source / ti.ARTIFACT_MANIFEST).read_text())
+    manifest["families"] = families
+    target.mkdir(parents=True, exist_ok=True)
+    (target / ti.ARTIFACT_MANIFEST).write_text(json.dumps(manifest))
+    (target / "models").symlink_to(source / "models")
+    return target
 
 
 def copy_artifacts(source: Path, target: Path) -> Path:

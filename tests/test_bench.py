@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, models_of
 
 pytest.importorskip("torch")
 
@@ -55,12 +55,9 @@ def test_score_bench_runs_a_row_and_writes_its_ablation_table(tiny_data, tmp_pat
 
 
 def test_predict_bench_times_every_implementation_on_the_same_models(all_families_run, tiny_data, tmp_path):
-    models = tmp_path / "lgbm_torch"                          # Torch is what the implementations differ in
-    models.mkdir()
-    manifest = json.loads((all_families_run[0] / "artifacts.json").read_text())
-    manifest["families"].pop("keras")
-    (models / "artifacts.json").write_text(json.dumps(manifest))
-    (models / "models").symlink_to(all_families_run[0] / "models")
+    saved = json.loads((all_families_run[0] / "artifacts.json").read_text())["families"]
+    models = models_of(all_families_run[0], tmp_path / "lgbm_torch",        # Torch is where they differ
+                       {"lgbm": saved["lgbm"], "torch": saved["torch"]})
     printed = _run(["bench/bench_predict.py", "--model-dir", str(models), "--data-dir", str(tiny_data), "--calls", "12",
                     "--baseline-script", str(ROOT / "train_infer.py")], tmp_path)
     rows = [line for line in printed.splitlines() if line.startswith("| lgbm_torch |")]

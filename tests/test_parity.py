@@ -9,6 +9,7 @@ import polars as pl
 import pytest
 
 import train_infer as ti
+from conftest import models_of
 
 pytest.importorskip("torch")
 pytest.importorskip("keras")
@@ -68,12 +69,10 @@ def _fold_only(spec, fold):
 
 def _predictor(parity_cases, tmp_path_factory, families):
     """predict()'s predictor over fold k's models of ``families`` ({family: [variants]}) only."""
-    manifest = dict(parity_cases["manifest"])
-    manifest["families"] = {family: {v: _fold_only(manifest["families"][family][v], parity_cases["fold"])
-                                     for v in variants} for family, variants in families.items()}
-    folder = tmp_path_factory.mktemp("parity_models")
-    (folder / "models").symlink_to(parity_cases["out"] / "models")
-    (folder / ti.ARTIFACT_MANIFEST).write_text(json.dumps(manifest))
+    saved = parity_cases["manifest"]["families"]
+    folder = models_of(parity_cases["out"], tmp_path_factory.mktemp("parity_models"), {
+        family: {v: _fold_only(saved[family][v], parity_cases["fold"]) for v in variants}
+        for family, variants in families.items()})
     return ti.GesturePredictor(folder, ti._ThrottledWarnings(), strict=True)
 
 

@@ -9,6 +9,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import train_infer as ti  # noqa: E402
+from conftest import models_of  # noqa: E402
 
 
 @pytest.mark.parametrize("pools", [2, 3, 4])
@@ -270,11 +271,8 @@ def test_torch_checkpoint_loads_safely_and_reproduces_oof(all_families_run):
 def test_bad_input_with_torch_models_loaded(all_families_run, tiny_data, tmp_path, warnings_seen):
     from test_predict import BAD_INPUTS, _one
     out = all_families_run[0]
-    manifest = json.loads((out / ti.ARTIFACT_MANIFEST).read_text())
-    manifest["families"] = {"torch": manifest["families"]["torch"]}        # Torch answers every sequence alone
-    (tmp_path / ti.ARTIFACT_MANIFEST).write_text(json.dumps(manifest))
-    (tmp_path / "models").symlink_to(out / "models")
-    ti.configure_inference(tmp_path)
+    saved = json.loads((out / ti.ARTIFACT_MANIFEST).read_text())["families"]
+    ti.configure_inference(models_of(out, tmp_path / "torch", {"torch": saved["torch"]}))   # Torch answers alone
     for case, (make, _) in BAD_INPUTS.items():
         sequence, demo = make(*_one(tiny_data))
         assert ti.predict(sequence, demo) in ti.GESTURES, case
