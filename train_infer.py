@@ -60,7 +60,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 import numpy as np
 import polars as pl
@@ -87,6 +87,7 @@ GESTURE_TO_INDEX = {g: i for i, g in enumerate(GESTURES)}
 DEFAULT_GESTURE = "Text on phone"
 
 ORIENTATIONS = ("Seated Straight", "Seated Lean Non Dom - FACE DOWN", "Lie on Back", "Lie on Side - Non Dominant")
+ORIENTATION_TO_INDEX = {o: i for i, o in enumerate(ORIENTATIONS)}
 MOVE_BEHAVIORS = ("Relaxes and moves hand to target location", "Moves hand to target location")
 
 IMU_COLUMNS = ["acc_x", "acc_y", "acc_z", "rot_w", "rot_x", "rot_y", "rot_z"]
@@ -282,6 +283,7 @@ class KerasConfig:
     EARLY_STOPPING_PATIENCE: int = field(default_factory=lambda: env_int("KERAS_ES_PATIENCE", 3, minimum=1))  # DEEP_SELECTION=inner only
     ES_MIN_DELTA: float = field(default_factory=lambda: env_float("KERAS_ES_MIN_DELTA", 1e-4, minimum=0.0))  # as TORCH_ES_MIN_DELTA
     CONV_BLOCKS: int = field(default_factory=lambda: env_int("KERAS_CONV_BLOCKS", 3, minimum=3))      # 3, or 4 as notes 2-1 allow
+    ARCHITECTURE: str = field(default_factory=lambda: env_choice("KERAS_ARCHITECTURE", "branches", ("branches", "stacked")))  # branches: a residual SE branch per sensor group, fused before the conv stages; stacked: one conv stack over every channel (Torch's view)
     CONV_WIDTH: int | None = field(default_factory=lambda: env_int("KERAS_CONV_WIDTH", None, minimum=4))  # first conv block's channels, later ones 2x; None: by device
     HIDDEN: int | None = field(default_factory=lambda: env_int("KERAS_HIDDEN", None, minimum=4))      # GRU units per direction; None: by device
     EPOCHS: int | None = field(default_factory=lambda: env_int("KERAS_EPOCHS", None, minimum=1))      # None: by device
@@ -318,6 +320,8 @@ class RecipeConfig:
     SENSOR_DROPOUT: float = field(default_factory=lambda: env_float("AUG_SENSOR_DROPOUT", 0.1, minimum=0.0, maximum=1.0))  # full route: thm and each ToF sensor dropped (as if null) with this probability
     MIXUP: float = field(default_factory=lambda: env_float("AUG_MIXUP", 0.4, minimum=0.0))            # Beta(a, a) mixup of sequence pairs and their labels
     LABEL_SMOOTHING: float = field(default_factory=lambda: env_float("AUG_LABEL_SMOOTHING", 0.1, minimum=0.0, maximum=0.5))
+    ORIENTATION_WEIGHT: float = field(default_factory=lambda: env_float("AUX_ORIENTATION_WEIGHT", 0.0, minimum=0.0))  # orientation head's loss weight (6th place: 0.5; measured -0.03 at 0.5 on the CPU budget); 0 = no head
+    PHASE_WEIGHT: float = field(default_factory=lambda: env_float("AUX_PHASE_WEIGHT", 0.5, minimum=0.0))  # per-frame phase head's loss weight, its output weights the attention; 0 = no head
 
 
 @dataclass
@@ -433,7 +437,7 @@ GESTURE_REPEATS = {g: 8 for g in TARGET_GESTURES} | {g: 2 for g in NON_TARGET_GE
 ORIENTATION_ROTVEC_DEG = {"Seated Straight": (0, 0, 0), "Seated Lean Non Dom - FACE DOWN": (35, 0, 0),
                           "Lie on Back": (0, -90, 0), "Lie on Side - Non Dominant": (90, 0, 0)}
 SYNTHETIC_SIZES = {"demo": (16, 4), "full": (81, 10)}  # (train subjects, test subjects)
-SYNTHETIC_VERSION = "synthetic-v3"  # bump when the generator changes: cached sets are then rebuilt
+SYNTHETIC_VERSION = "synthetic-v4"  # bump when the generator changes: cached sets are then rebuilt
 SYNTHETIC_WARNING = ("SYNTHETIC DATA: no competition files were found (or --synthetic was given). Scores in this run "
                      "are on generated data and are NOT competition scores.")
 
@@ -541,6 +545,7 @@ def _synthesize_sequence(rng: np.random.Generator, gesture: str, orientation: st
         ok = visible & (values >= 0) & (values <= 254)
         tof[:, k, :] = np.where(ok, np.round(values), -1.0)
 
+    quat = quat * np.where(quat[:, :1] < 0, -1.0, 1.0)   # the device reports rot_w >= 0 (DATA.md): x/y/z jump there
     frames = np.concatenate([acc, quat, thm, tof.reshape(n, 320)], axis=1)
     phase = ["Transition"] * g0 + ["Gesture"] * n_gesture
     move_behavior = MOVE_BEHAVIORS[int(rng.integers(2))]
@@ -792,12 +797,17 @@ def load_train_data(data_dir: Path) -> pl.DataFrame:
 
 
 def sequence_table(train: pl.DataFrame) -> pl.DataFrame:
-    """One row per sequence: id, subject, gesture, class index, whether thm/tof are present."""
+    """One row per sequence: id, subject, gesture, class index, whether thm/tof are present, and the
+    orientation's index in ORIENTATIONS (-1 when the table has none or an unknown one: no auxiliary target)."""
+    orientation = (pl.col("orientation").first() if "orientation" in train.columns
+                   else pl.lit(None, pl.String)).alias("orientation")
     return (train.group_by("sequence_id", maintain_order=True)
-            .agg(pl.col("subject").first(), pl.col("gesture").first(),
+            .agg(pl.col("subject").first(), pl.col("gesture").first(), orientation,
                  pl.any_horizontal([pl.col(c).is_not_null().any() for c in THM_COLUMNS + ["tof_1_v0", "tof_2_v0",
                                     "tof_3_v0", "tof_4_v0", "tof_5_v0"]]).alias("has_thm_tof"))
-            .with_columns(pl.col("gesture").replace_strict(GESTURE_TO_INDEX, return_dtype=pl.Int64).alias("label")))
+            .with_columns(pl.col("gesture").replace_strict(GESTURE_TO_INDEX, return_dtype=pl.Int64).alias("label"),
+                          pl.col("orientation").replace_strict(ORIENTATION_TO_INDEX, default=-1, return_dtype=pl.Int64)
+                          .fill_null(-1).alias("orientation_label")))
 
 
 # ╔══════════════════════════════════════════════════════════════════════════════════════════════╗
@@ -983,6 +993,7 @@ def frame_feature_matrix(raw: np.ndarray, starts: np.ndarray, left_handed: np.nd
     quat = raw[:, 3:7].astype(np.float64)
     norm = np.linalg.norm(quat, axis=1, keepdims=True)
     quat = np.divide(quat, norm, out=np.full_like(quat, np.nan), where=norm > 1e-6)
+    quat *= np.where(quat[:, :1] < 0, -1.0, 1.0)          # q and -q are one rotation: the data's sign, rot_w >= 0
     feats: dict[str, np.ndarray] = {}
     feats["acc_x"], feats["acc_y"], feats["acc_z"] = acc.T
     feats["acc_mag"] = np.linalg.norm(acc, axis=1)
@@ -1492,13 +1503,15 @@ def frame_cache_for_run(frames: SequenceFrames, store: FrameFeatureStore | None,
 
 
 def pad_last_frames(values: np.ndarray, pad_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """(frames x F) -> (pad_len x F, mask): a longer sequence keeps its LAST frames (the gesture is at
-    the end); a shorter one is zero-padded after its frames. mask is 1 on real frames."""
+    """(frames x F) -> (pad_len x F, mask): a longer sequence keeps its LAST frames (the gesture is at the
+    end); a shorter one is zero-padded IN FRONT, so the last frame always sits at the last position, whatever
+    the length (most gold solutions pad and truncate at the front). mask is 1 on real frames."""
     out = np.zeros((pad_len, values.shape[1]), dtype=np.float32)
     mask = np.zeros(pad_len, dtype=np.float32)
     kept = values[-pad_len:]
-    out[: len(kept)] = kept
-    mask[: len(kept)] = 1.0
+    if len(kept):
+        out[pad_len - len(kept):] = kept
+        mask[pad_len - len(kept):] = 1.0
     return out, mask
 
 
@@ -1523,11 +1536,18 @@ class DeepInputs:
     family indexes these arrays, so no fold reads or computes a frame; Torch and Keras share them when
     their pad lengths agree, and each gets its own when DL_FIXED_PAD_LEN and KERAS_FIXED_PAD_LEN differ."""
 
-    def __init__(self, cache: FrameFeatureCache, sequence_ids: Sequence[str], lengths: np.ndarray) -> None:
+    def __init__(self, cache: FrameFeatureCache, sequence_ids: Sequence[str], lengths: np.ndarray,
+                 gesture_frames: np.ndarray | None = None) -> None:
+        """``gesture_frames``: per training row in table order (the sequences' rows one after another), 1 where
+        the row's phase is Gesture, 0 where Transition; None: no phase labels (no phase head can train)."""
         self.cache = cache
         self.ids = list(sequence_ids)
         self.lengths = np.asarray(lengths)
+        if gesture_frames is not None and len(gesture_frames) != self.lengths.sum():
+            raise ValueError(f"{len(gesture_frames)} phase labels for {self.lengths.sum()} frames")
+        self.gesture_frames = gesture_frames
         self._arrays: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
+        self._phase: dict[int, np.ndarray] = {}
         self.seconds = {"build": 0.0, "fold_slices": 0.0}   # all frame access of the deep families, for the log
 
     def require_order(self, sequences: pl.DataFrame) -> None:
@@ -1550,6 +1570,17 @@ class DeepInputs:
                      100 * counts["hit_rate"], counts["hits"], counts["store_reads"], counts["computed"])
             self._arrays[key] = (x, mask)
         return self._arrays[key]
+
+    def phase(self, pad_len: int, index: np.ndarray) -> np.ndarray | None:
+        """(rows x pad_len) float32: 1 on a Gesture frame, padded as the frames are (pad_last_frames); None
+        without phase labels."""
+        if self.gesture_frames is None:
+            return None
+        if pad_len not in self._phase:
+            offsets = np.concatenate([[0], np.cumsum(self.lengths)])
+            self._phase[pad_len] = np.stack([pad_last_frames(self.gesture_frames[a:b, None], pad_len)[0][:, 0]
+                                             for a, b in zip(offsets[:-1], offsets[1:])])
+        return self._phase[pad_len][index]
 
     def take(self, variant: str, pad_len: int, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The rows of ``index`` (a copy, NaN = missing, standardised later by the trainer) and their mask."""
@@ -1663,7 +1694,8 @@ def augment_in_sensor_units(x: np.ndarray, mask: np.ndarray, channels: Sequence[
                             rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """The augmentations that act on what the sensors measured, before standardisation: a front crop and a
     time stretch (nearest frame, so a missing value stays missing and an indicator 0 or 1), a rotation of
-    the IMU frame, and sensor dropout. x: (N, T, C), NaN = missing, real frames first; returns new arrays."""
+    the IMU frame, and sensor dropout. x: (N, T, C), NaN = missing, real frames last (pad_last_frames);
+    returns new arrays."""
     x, mask = x.copy(), mask.copy()
     n, pad_len, _ = x.shape
     p = recipe.PROBABILITY
@@ -1678,10 +1710,11 @@ def augment_in_sensor_units(x: np.ndarray, mask: np.ndarray, channels: Sequence[
             new_length = int(round((length - start) * factor[i]))
             if length < 4 or new_length < 2:
                 continue
-            source = np.rint(np.linspace(start, length - 1, new_length)).astype(int)[-pad_len:]   # keep the end
-            x[i, :len(source)] = x[i, source]
-            x[i, len(source):] = 0.0
-            mask[i] = np.arange(pad_len) < len(source)
+            # Positions in the real frames (the last ``length`` of the row), resampled; the end is kept.
+            source = pad_len - length + np.rint(np.linspace(start, length - 1, new_length)).astype(int)[-pad_len:]
+            x[i, pad_len - len(source):] = x[i, source]
+            x[i, :pad_len - len(source)] = 0.0
+            mask[i] = np.arange(pad_len) >= pad_len - len(source)
     if recipe.ROTATION_DEG > 0:
         # The watch sitting a little differently on the wrist turns the sensor frame by a small rotation r:
         # every vector measured in it turns by r, and the orientation becomes q * conj(r) (so that gravity
@@ -1697,7 +1730,11 @@ def augment_in_sensor_units(x: np.ndarray, mask: np.ndarray, channels: Sequence[
                 x[chosen[:, None], :, index] = quat_rotate(r, x[chosen][:, :, index]).transpose(0, 2, 1)   # (k, 3, T)
         index = _channel_index(channels, QUATERNION)
         if index is not None:
-            x[chosen[:, None], :, index] = quat_mul(x[chosen][:, :, index], quat_conj(r)).transpose(0, 2, 1)
+            # q and -q are one rotation; the data keeps rot_w >= 0 (DATA.md), so the turned quaternion does too:
+            # no training input carries a sign the sensor never reports.
+            turned = quat_mul(x[chosen][:, :, index], quat_conj(r))
+            turned *= np.where(turned[..., :1] < 0, -1.0, 1.0).astype(turned.dtype)
+            x[chosen[:, None], :, index] = turned.transpose(0, 2, 1)
     if recipe.SENSOR_DROPOUT > 0:
         for names, indicator in SENSOR_GROUPS.values():
             index = _channel_index(channels, list(names) + [indicator])
@@ -1710,12 +1747,12 @@ def augment_in_sensor_units(x: np.ndarray, mask: np.ndarray, channels: Sequence[
 
 
 def augment_standardized(z: np.ndarray, mask: np.ndarray, targets: np.ndarray, channels: Sequence[str],
-                         recipe: RecipeConfig, rng: np.random.Generator
+                         recipe: RecipeConfig, rng: np.random.Generator, extras: Sequence[np.ndarray] = ()
                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The augmentations in standard-deviation units, in place on the epoch's own arrays: a per-channel gain
     and Gaussian noise on the measured channels of real frames (never on the missing-value channels), then
     mixup of sequence pairs and their targets (the kept sequence weighs at least half; the mask is the union
-    of the pair's)."""
+    of the pair's). ``extras`` (the auxiliary targets, rows = sequences) are mixed in place like the targets."""
     n = len(z)
     measured = np.array([c not in MISSING_CHANNELS for c in channels], dtype=np.float32)   # (C,) 1 = jitter it
     if recipe.JITTER > 0 or recipe.NOISE > 0:
@@ -1737,20 +1774,39 @@ def augment_standardized(z: np.ndarray, mask: np.ndarray, targets: np.ndarray, c
         lam = np.maximum(lam[mixed], 1 - lam[mixed])                       # the kept sequence weighs at least half
         z[mixed] = lam[:, None, None] * z[mixed] + (1 - lam[:, None, None]) * z[partner]
         targets[mixed] = lam[:, None] * targets[mixed] + (1 - lam[:, None]) * targets[partner]
+        for extra in extras:
+            share = lam.reshape((-1,) + (1,) * (extra.ndim - 1))
+            extra[mixed] = share * extra[mixed] + (1 - share) * extra[partner]
         mask[mixed] = np.maximum(mask[mixed], mask[partner])
     return z, mask, targets
+
+
+class Epoch(NamedTuple):
+    """One epoch's training arrays, rows in the epoch's shuffled order."""
+    x: np.ndarray                         # (N, T, C) standardised, augmented
+    mask: np.ndarray                      # (N, T)
+    targets: np.ndarray                   # (N, 18) soft gesture targets
+    orientation: np.ndarray | None        # (N, 4) soft orientation targets (a row of 0: unknown), or None
+    phase: np.ndarray | None              # (N, T) share of Gesture per frame (mixup mixes it), or None
+
+
+PHASE_CHANNEL = "phase_gesture"           # the phase labels ride along as a channel through crop and stretch
 
 
 @dataclass
 class DeepFoldData:
     """One fold's training arrays in sensor units (NaN = missing) with the statistics that standardise them,
-    and the recipe that turns them into each epoch's augmented, standardised arrays."""
+    and the recipe that turns them into each epoch's augmented, standardised arrays. With the auxiliary labels
+    (orientation per sequence, phase per frame) each epoch carries them through the same augmentation: a
+    frame's phase moves with the frame under crop and stretch, and mixup mixes them as it mixes the gestures."""
     x: np.ndarray                 # (N, T, C), NaN = missing
     mask: np.ndarray              # (N, T)
     y: np.ndarray                 # (N,) class indices
     channels: list[str]
     recipe: RecipeConfig
     seed: int
+    orientation: np.ndarray | None = None   # (N,) index in ORIENTATIONS, -1 = unknown
+    phase: np.ndarray | None = None         # (N, T) 1 on a Gesture frame
 
     def __post_init__(self) -> None:
         self.mean, self.std = frame_statistics(self.x, self.mask)
@@ -1758,16 +1814,29 @@ class DeepFoldData:
     def standardize(self, x: np.ndarray, mask: np.ndarray) -> np.ndarray:
         return standardize_frames(x, mask, self.mean, self.std)
 
-    def epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(inputs, mask, soft targets) for one epoch, in a shuffled order; the same for a given seed and
-        epoch whichever family or thread asks."""
+    def epoch(self, epoch: int) -> Epoch:
+        """One epoch's arrays, in a shuffled order; the same for a given seed and epoch whichever family or
+        thread asks (the auxiliary labels draw no random numbers of their own)."""
         rng = np.random.default_rng([self.seed, epoch])
-        x, mask = augment_in_sensor_units(self.x, self.mask, self.channels, self.recipe, rng)
+        x, channels = self.x, self.channels
+        if self.phase is not None:
+            x, channels = np.concatenate([x, self.phase[..., None]], axis=-1), list(channels) + [PHASE_CHANNEL]
+        x, mask = augment_in_sensor_units(x, self.mask, channels, self.recipe, rng)
+        phase = None
+        if self.phase is not None:
+            x, phase = x[..., :-1], np.ascontiguousarray(x[..., -1])
+        orientation = None
+        if self.orientation is not None:
+            orientation = np.zeros((len(self.y), len(ORIENTATIONS)), dtype=np.float32)
+            known = self.orientation >= 0
+            orientation[np.flatnonzero(known), self.orientation[known]] = 1.0
         z = self.standardize(x, mask)
+        extras = [a for a in (orientation, phase) if a is not None]
         z, mask, targets = augment_standardized(z, mask, smoothed_targets(self.y, self.recipe.LABEL_SMOOTHING),
-                                                self.channels, self.recipe, rng)
+                                                self.channels, self.recipe, rng, extras)
         order = rng.permutation(len(self.y))
-        return z[order], mask[order], targets[order]
+        return Epoch(z[order], mask[order], targets[order], None if orientation is None else orientation[order],
+                     None if phase is None else phase[order])
 
 
 # ╔══════════════════════════════════════════════════════════════════════════════════════════════╗
@@ -1851,6 +1920,8 @@ class FamilyResult:
     epoch_log: list[dict[str, Any]] = field(default_factory=list)   # deep models: one row per fold and epoch
     oof_chosen: Score | None = None    # deep models: the score if each fold's epoch were chosen on its own out-of-fold rows
     refit_paths: list[str] = field(default_factory=list)            # FULL_FIT: models trained on all training data
+    oof_orientation: np.ndarray | None = None   # deep models with an orientation head: (n_sequences, 4) out of fold
+    orientation_accuracy: float | None = None   # its accuracy on the scored rows
 
 
 def log_table_row(values: Sequence[Any], widths: Sequence[int]) -> str:
@@ -1936,6 +2007,16 @@ MIN_MICRO_BATCH = 64                                     # the OOM fallback's fl
 ATTENTION_FILL = -65504.0                                # fp16's lowest finite value: safe in fp16, bf16, fp32
 EPOCH_LOG_HEADER = ("fold/variant", "epoch", "loss", "BinF1", "MacroF1", "score", "watch", "lr", "secs")
 EPOCH_LOG_WIDTHS = (14, 5, 8, 8, 8, 8, 8, 9, 6)
+
+
+def pooled_phase_targets(phase: np.ndarray, mask: np.ndarray, pools: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-frame phase labels (N, T) at the networks' pooled resolution, as their pooling stages cut time
+    (HalvingMaxPool, conv_block: an odd length drops its oldest step, then pairs): (share of real frames in
+    Gesture, N x T') and (1 where a pooled step holds a real frame, N x T'). The phase heads learn the share."""
+    phase, mask = np.asarray(phase, np.float32) * mask, np.asarray(mask, np.float32)
+    for _ in range(pools):
+        phase, mask = (a[:, a.shape[1] % 2:].reshape(len(a), -1, 2).sum(axis=2) for a in (phase, mask))
+    return np.divide(phase, mask, out=np.zeros_like(phase), where=mask > 0), (mask > 0).astype(np.float32)
 
 
 def conv_plan(width: int, blocks: int) -> list[tuple[int, int]]:
@@ -2055,12 +2136,15 @@ def torch_runtime() -> TorchRuntime:
 
 
 def build_time_series_net(in_features: int, n_classes: int = len(GESTURES), pools: int = 3, hidden: int = 128,
-                          dropout: float = 0.3, width: int = 128):
+                          dropout: float = 0.3, width: int = 128, orientations: int = 0, phase_head: bool = False):
     """The notes' network: conv blocks (Conv1d, BatchNorm, GELU, MaxPool1d(2); conv_plan's channels), Dropout,
-    a BiGRU, temporal attention over the real (masked) steps, and a classification head."""
+    a BiGRU, temporal attention over the real (masked) steps, and a classification head. Auxiliary heads for
+    training: ``orientations`` > 0 adds an orientation head on the pooled vector (its logits follow the
+    gestures' in the output), ``phase_head`` a per-step phase head whose log-probability of Gesture is added
+    to the attention's logits (gesture steps weighted up)."""
     if not 1 <= pools <= len(CONV_KERNELS):
         raise ConfigError(f"DL_POOLS={pools} must be between 1 and {len(CONV_KERNELS)}")
-    return _time_series_net_class()(in_features, n_classes, pools, hidden, dropout, width)
+    return _time_series_net_class()(in_features, n_classes, pools, hidden, dropout, width, orientations, phase_head)
 
 
 @functools.cache
@@ -2071,23 +2155,27 @@ def _time_series_net_class():
     import torch.nn.functional as F
 
     class HalvingMaxPool(nn.MaxPool1d):
-        """MaxPool1d(2). In eval mode computed as a reshape and a max, the same numbers, because torch.vmap batches
-        max_pool1d through a kernel that also computes indices: 1.85 ms against 0.35 ms for 18 stacked nets'
-        first stage (measured, 2 CPU cores), the larger part of what stacking with torch.func cost over a
-        hand-written stack. Training keeps max_pool1d (one gradient path on ties)."""
+        """MaxPool1d(2) that, on an odd length, drops the OLDEST step, never the newest: sequences are padded in
+        front, so the last step is the gesture's end (MaxPool1d alone drops the last one, which at pad 90 lost
+        the last two frames at the second stage). The same for the signal and the mask (downsample_mask uses
+        these modules). In eval mode computed as a reshape and a max, the same numbers, because torch.vmap
+        batches max_pool1d through a kernel that also computes indices: 1.85 ms against 0.35 ms for 18 stacked
+        nets' first stage (measured, 2 CPU cores). Training keeps max_pool1d (one gradient path on ties)."""
 
         def __init__(self) -> None:
             super().__init__(2)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = x[..., x.shape[-1] % 2:]
             if self.training:
                 return super().forward(x)
-            return x[..., : x.shape[-1] // 2 * 2].unflatten(-1, (-1, 2)).amax(-1)
+            return x.unflatten(-1, (-1, 2)).amax(-1)
 
     class TimeSeriesNet(nn.Module):
         def __init__(self, in_features: int, n_classes: int, pools: int, hidden: int, dropout: float,
-                     width: int) -> None:
+                     width: int, orientations: int = 0, phase_head: bool = False) -> None:
             super().__init__()
+            self.n_classes = n_classes
             layers: list[nn.Module] = []
             channels = in_features
             for out_channels, kernel in conv_plan(width, pools):
@@ -2099,38 +2187,61 @@ def _time_series_net_class():
             self.pools = [m for m in self.conv if isinstance(m, nn.MaxPool1d)]
             self.rnn = nn.GRU(channels, hidden, batch_first=True, bidirectional=True)
             self.attention = nn.Linear(2 * hidden, 1)
+            self.phase = nn.Linear(2 * hidden, 1) if phase_head else None
             self.head = nn.Sequential(nn.Linear(4 * hidden, 2 * hidden), nn.GELU(), nn.Dropout(dropout),
                                       nn.Linear(2 * hidden, n_classes))
+            self.orientation = nn.Linear(4 * hidden, orientations) if orientations else None
 
         def downsample_mask(self, mask: torch.Tensor) -> torch.Tensor:
+            """The mask through the signal's own pooling modules: a pooled step is real if any of its frames is."""
+            mask = mask.unsqueeze(1)
             for pool in self.pools:
-                mask = F.max_pool1d(mask.unsqueeze(1), kernel_size=pool.kernel_size, stride=pool.stride).squeeze(1)
-            return mask
+                mask = pool(mask)
+            return mask.squeeze(1)
 
         # forward() in three stages, so that stacked inference (StackedNets) can batch the stages torch.func can
         # batch and run the one it cannot (the GRU) net by net, without a second copy of any of them.
         def encode(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             """(B, T, F) frames and (B, T) mask -> (B, T', C) conv features and the mask pooled alike."""
             h = self.conv(x.transpose(1, 2)).transpose(1, 2)
-            return h, self.downsample_mask(mask)[:, : h.size(1)]
+            return h, self.downsample_mask(mask)
 
         def recur(self, h: torch.Tensor) -> torch.Tensor:
             return self.rnn(h)[0]
 
-        def classify(self, h: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-            """Attention over the real steps plus a masked mean, then the head: (B, T', 2H) -> (B, classes) logits."""
-            logits = self.attention(h).squeeze(-1)
+        def pool(self, h: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+            """Attention over the real steps plus a masked mean: (B, T', 2H) -> (B, 4H), and the phase head's
+            per-step logits (None without it), whose log-probability of Gesture is added to the attention's."""
+            logits = self.attention(h).squeeze(-1).float()
+            phase = None
+            if self.phase is not None:
+                phase = self.phase(h).squeeze(-1).float()
+                logits = logits + F.logsigmoid(phase)
             # where(), not adding a large negative: a fully padded row stays finite (uniform weights).
             logits = torch.where(m > 0, logits, torch.full_like(logits, ATTENTION_FILL))
-            weights = torch.softmax(logits.float(), dim=1).to(h.dtype)
+            weights = torch.softmax(logits, dim=1).to(h.dtype)
             attended = (weights.unsqueeze(-1) * h).sum(dim=1)
             denom = m.sum(dim=1, keepdim=True).clamp(min=1).to(h.dtype)
             mean = (h * m.unsqueeze(-1).to(h.dtype)).sum(dim=1) / denom   # a second, masked-mean pooling
-            return self.head(torch.cat([attended, mean], dim=1))
+            return torch.cat([attended, mean], dim=1), phase
+
+        def logits(self, pooled: torch.Tensor) -> torch.Tensor:
+            """(B, classes) gesture logits, followed by (B, orientations) orientation logits with that head."""
+            out = self.head(pooled)
+            return out if self.orientation is None else torch.cat([out, self.orientation(pooled).to(out.dtype)], 1)
+
+        def classify(self, h: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+            return self.logits(self.pool(h, m)[0])
 
         def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
             h, m = self.encode(x, mask)
             return self.classify(self.recur(h), m)
+
+        def forward_with_phase(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+            """Training: forward()'s logits and the phase head's per-step logits (B, T') or None."""
+            h, m = self.encode(x, mask)
+            pooled, phase = self.pool(self.recur(h), m)
+            return self.logits(pooled), phase
 
     return TimeSeriesNet
 
@@ -2164,17 +2275,31 @@ class StackedNets:
             return lambda weights, *args: functional_call(caller, weights, args, tie_weights=False), state
 
         encode, self.encode_state = stage("encode", ("conv",))
-        classify, self.classify_state = stage("classify", ("attention", "head"))
+        classify, self.classify_state = stage("classify", tuple(name for name, _ in template.named_children()
+                                                                if name not in ("conv", "rnn")))
+        self.n_classes = self.nets[0].n_classes
         self.encode = torch.vmap(encode, in_dims=(0, 0, None))                  # one mask for every net
         self.classify = torch.vmap(classify, in_dims=(0, 0, 0))
 
     def __call__(self, x, mask):
-        """x: (K, B, T, F), net k's own standardised input; mask: (B, T). Returns (B, classes) probabilities."""
+        """x: (K, B, T, F), net k's own standardised input; mask: (B, T). Returns (B, classes) probabilities,
+        followed by (B, orientations) orientation probabilities when the nets have that head."""
         import torch
         h, m = self.encode(self.encode_state, x, mask)                          # (K, B, T', C), (K, B, T')
         h = torch.stack([net.recur(h[k]) for k, net in enumerate(self.nets)])
-        probs = torch.softmax(self.classify(self.classify_state, h, m).float(), dim=-1)   # (K, B, classes)
+        probs = output_probabilities(self.classify(self.classify_state, h, m), self.n_classes)   # (K, B, outputs)
         return torch.einsum("kbc,k->bc", probs, self.shares)
+
+
+def output_probabilities(logits, n_classes: int = len(GESTURES)):
+    """A network's output logits -> probabilities: softmax over the gestures, and over the orientations that
+    follow them when the net has that head (each part sums to 1)."""
+    import torch
+    logits = logits.float()
+    parts = [torch.softmax(logits[..., :n_classes], dim=-1)]
+    if logits.shape[-1] > n_classes:
+        parts.append(torch.softmax(logits[..., n_classes:], dim=-1))
+    return torch.cat(parts, dim=-1)
 
 
 def _method_caller(module, method: str):
@@ -2219,27 +2344,59 @@ def is_out_of_memory(exc: BaseException) -> bool:
         isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
 
 
-def accumulate_gradients(model, batches: Iterable[tuple[Any, Any, Any]], group_size: int, runtime: TorchRuntime,
-                         scaler=None, oom_hook: Callable[[int], None] | None = None) -> float:
+def gesture_loss(model, batch: tuple[Any, ...]):
+    """Soft-target cross-entropy of the gesture logits; batch = (x, mask, targets, ...)."""
+    import torch.nn.functional as F
+    x, mask, targets = batch[:3]
+    return F.cross_entropy(model(x, mask).float()[:, :model.n_classes], targets)
+
+
+def training_loss(orientation_weight: float, phase_weight: float) -> Callable[[Any, tuple[Any, ...]], Any]:
+    """The loss of a net with auxiliary heads; batch = (x, mask, targets, orientation targets, pooled phase
+    share, pooled real steps). Gestures: soft-target cross-entropy; orientation: the same, weighted (a row of
+    zeros, an unknown orientation, adds nothing); phase: binary cross-entropy of each real pooled step's share
+    of Gesture frames (pooled_phase_targets), averaged over the real steps, weighted."""
+    import torch.nn.functional as F
+
+    def loss(model, batch: tuple[Any, ...]):
+        x, mask, targets, orientation, share, real = batch
+        logits, phase = model.forward_with_phase(x, mask)
+        logits = logits.float()
+        total = F.cross_entropy(logits[:, :model.n_classes], targets)
+        if model.orientation is not None:
+            total = total + orientation_weight * F.cross_entropy(logits[:, model.n_classes:], orientation)
+        if phase is not None:
+            bce = F.binary_cross_entropy_with_logits(phase, share, reduction="none")
+            total = total + phase_weight * (bce * real).sum() / real.sum().clamp(min=1)
+        return total
+
+    return loss
+
+
+def accumulate_gradients(model, batches: Iterable[tuple[Any, ...]], group_size: int, runtime: TorchRuntime,
+                         scaler=None, oom_hook: Callable[[int], None] | None = None,
+                         loss_fn: Callable[[Any, tuple[Any, ...]], Any] = gesture_loss) -> float:
     """Forward/backward over the micro-batches of one optimizer step. Each micro-batch's mean loss is weighted by
     its share of the group's rows, so the summed gradient is the share-weighted sum of the micro-batches' own
     gradients. That is one big batch's gradient for every layer but BatchNorm, which in training normalises each
     micro-batch with its own statistics (as any accumulation does); tested both ways. Returns the group's mean
     loss."""
-    import torch.nn.functional as F
     total = 0.0
-    for x, mask, y in batches:
+    for batch in batches:
+        rows = len(batch[2])
         if oom_hook is not None:
-            oom_hook(len(y))                               # test hook: raise an OOM for a given micro-batch
+            oom_hook(rows)                                 # test hook: raise an OOM for a given micro-batch
         with runtime.autocast():
-            loss = F.cross_entropy(model(x, mask).float(), y) * (len(y) / group_size)
+            loss = loss_fn(model, batch) * (rows / group_size)
         (scaler.scale(loss) if scaler is not None else loss).backward()
         total += float(loss.detach())
     return total
 
 
-def predict_torch_probs(model, x, mask, runtime: TorchRuntime, batch_size: int = 1024) -> np.ndarray:
-    """Class probabilities for padded inputs (numpy or tensors), in eval mode, batch by batch."""
+def predict_torch_probs(model, x, mask, runtime: TorchRuntime, batch_size: int = 1024,
+                        with_orientation: bool = False) -> np.ndarray:
+    """Class probabilities for padded inputs (numpy or tensors), in eval mode, batch by batch; with
+    ``with_orientation`` the orientation probabilities follow (output_probabilities) when the net has that head."""
     import torch
     if model.training:                                      # eval() walks every submodule: only when needed
         model.eval()
@@ -2248,7 +2405,8 @@ def predict_torch_probs(model, x, mask, runtime: TorchRuntime, batch_size: int =
         for start in range(0, len(x), batch_size):
             xb = torch.as_tensor(np.asarray(x[start:start + batch_size], dtype=np.float32), device=runtime.device)
             mb = torch.as_tensor(np.asarray(mask[start:start + batch_size], dtype=np.float32), device=runtime.device)
-            out.append(torch.softmax(model(xb, mb).float(), dim=1).cpu().numpy())
+            probs = output_probabilities(model(xb, mb), model.n_classes)
+            out.append((probs if with_orientation else probs[:, :model.n_classes]).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, len(GESTURES)), dtype=np.float32)
 
 
@@ -2312,9 +2470,10 @@ class EpochKeeper:
         self.history: list[dict[str, Any]] = []
 
     def end_epoch(self, loss: float, probs: np.ndarray | None, predict: Callable[[np.ndarray, np.ndarray], np.ndarray],
-                  lr: float, seconds: float, snapshot: Callable[[], Any]) -> bool:
+                  lr: float, seconds: float, snapshot: Callable[[], Any], orientation: np.ndarray | None = None) -> bool:
         """Record one epoch (its mean loss, its out-of-fold ``probs``, None for the full-data refit, which has
-        no such rows; ``predict(x, mask)`` scores the watch set); True when EarlyStopper says stop."""
+        no such rows, and the orientation head's probabilities on them; ``predict(x, mask)`` scores the watch
+        set); True when EarlyStopper says stop."""
         epoch = len(self.history) + 1
         if not math.isfinite(loss):
             raise FloatingPointError(f"{self.label}: the training loss is {loss} at epoch {epoch}")
@@ -2327,8 +2486,8 @@ class EpochKeeper:
             watched = score_probabilities(watch.y[watch.score_mask], predict(watch.x, watch.mask)[watch.score_mask]).score
             stop = self.stopper.step(watched)
         if self.watch is None or self.stopper.best_epoch == self.stopper.epoch:   # every epoch, or the watch set's best
-            self.kept = {"score": score, "epoch": epoch, "probs": probs, "watch_score": watched,
-                         "state": None if self.watch is None else snapshot()}
+            self.kept = {"score": score, "epoch": epoch, "probs": probs, "orientation": orientation,
+                         "watch_score": watched, "state": None if self.watch is None else snapshot()}
         metrics = (None, None, None) if score is None else (score.binary_f1, score.macro_f1, score.score)
         row = {"epoch": epoch, "loss": loss, "binary_f1": metrics[0], "macro_f1": metrics[1], "score": metrics[2],
                "watch_score": watched, "lr": lr, "seconds": round(seconds, 3)}
@@ -2349,6 +2508,39 @@ class EpochKeeper:
                             "history": self.history, "oof_chosen": self.oof_chosen}
 
 
+def describe_heads(recipe: RecipeConfig) -> str:
+    heads = [f"{name} head (loss weight {weight:g})" for name, weight in
+             (("orientation", recipe.ORIENTATION_WEIGHT), ("phase", recipe.PHASE_WEIGHT)) if weight > 0]
+    return ", ".join(heads) if heads else "no auxiliary head"
+
+
+def auxiliary_heads(data: DeepFoldData) -> dict[str, Any]:
+    """Which auxiliary heads a net trains on this fold's data: an orientation head when its loss weight is on
+    and the rows have orientation labels, a phase head likewise (build_time_series_net's keywords)."""
+    return {"orientations": len(ORIENTATIONS) if data.recipe.ORIENTATION_WEIGHT > 0 and data.orientation is not None
+            else 0, "phase_head": bool(data.recipe.PHASE_WEIGHT > 0 and data.phase is not None)}
+
+
+def epoch_arrays(epoch: Epoch, heads: dict[str, Any], pools: int) -> list[np.ndarray]:
+    """The arrays a training step slices: (x, mask, targets), and with auxiliary heads the orientation targets
+    and the phase targets at the pooled resolution (pooled_phase_targets); an absent head's are empty."""
+    arrays = [epoch.x, epoch.mask, epoch.targets]
+    if not (heads["orientations"] or heads["phase_head"]):
+        return arrays
+    n = len(epoch.targets)
+    empty = np.zeros((n, 0), np.float32)
+    arrays.append(epoch.orientation if heads["orientations"] else empty)
+    arrays += pooled_phase_targets(epoch.phase, epoch.mask, pools) if heads["phase_head"] else [empty, empty]
+    return arrays
+
+
+def split_outputs(outputs: np.ndarray | None) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(N, 18 [+ 4]) output probabilities -> (gesture probabilities, orientation probabilities or None)."""
+    if outputs is None:
+        return None, None
+    return outputs[:, :len(GESTURES)], (outputs[:, len(GESTURES):] if outputs.shape[1] > len(GESTURES) else None)
+
+
 def train_torch_fold(data: DeepFoldData, x_valid: np.ndarray, m_valid: np.ndarray, y_valid: np.ndarray,
                      score_mask: np.ndarray, dl_cfg: DLConfig, runtime: TorchRuntime, seed: int, label: str,
                      micro_batch: int, accum_steps: int, watch: WatchSet | None = None,
@@ -2364,8 +2556,11 @@ def train_torch_fold(data: DeepFoldData, x_valid: np.ndarray, m_valid: np.ndarra
     torch.manual_seed(seed)
     device = runtime.device
     x_valid = data.standardize(x_valid, m_valid)
-    model = build_time_series_net(data.x.shape[2], pools=dl_cfg.POOLS, hidden=dl_cfg.HIDDEN,
-                                  dropout=dl_cfg.DROPOUT, width=dl_cfg.CONV_WIDTH).to(device)
+    heads = auxiliary_heads(data)
+    model = build_time_series_net(data.x.shape[2], pools=dl_cfg.POOLS, hidden=dl_cfg.HIDDEN, dropout=dl_cfg.DROPOUT,
+                                  width=dl_cfg.CONV_WIDTH, **heads).to(device)
+    loss_fn = (training_loss(data.recipe.ORIENTATION_WEIGHT, data.recipe.PHASE_WEIGHT)
+               if heads["orientations"] or heads["phase_head"] else gesture_loss)
     effective = micro_batch * accum_steps
     total_steps = dl_cfg.EPOCHS * math.ceil(len(data.y) / effective)
     optimizer = torch.optim.AdamW(model.parameters(), lr=dl_cfg.LEARNING_RATE, weight_decay=1e-2)
@@ -2373,18 +2568,18 @@ def train_torch_fold(data: DeepFoldData, x_valid: np.ndarray, m_valid: np.ndarra
         optimizer, lambda step: one_cycle_lr(step, total_steps, dl_cfg.LEARNING_RATE) / dl_cfg.LEARNING_RATE)
     scaler = torch.amp.GradScaler(device.type) if runtime.use_scaler else None
     keeper = EpochKeeper(label, y_valid, score_mask, watch, dl_cfg.ES_PATIENCE, dl_cfg.ES_MIN_DELTA)
-    for x_ep, m_ep, t_ep in prefetched_epochs(data, dl_cfg.EPOCHS):
+    for epoch in prefetched_epochs(data, dl_cfg.EPOCHS):
         started = time.perf_counter()
         model.train()
-        x_tr, m_tr, t_tr = (torch.as_tensor(a, device=device) for a in (x_ep, m_ep, t_ep))
+        tensors = [torch.as_tensor(a, device=device) for a in epoch_arrays(epoch, heads, dl_cfg.POOLS)]
+        n_rows = len(epoch.targets)
         losses = []
-        for start in range(0, len(t_tr), effective):
-            group = slice(start, start + effective)
-            if len(t_tr[group]) < 2:                       # BatchNorm cannot train on one sample
+        for start in range(0, n_rows, effective):
+            group = [t[start:start + effective] for t in tensors]
+            if len(group[2]) < 2:                          # BatchNorm cannot train on one sample
                 continue
-            micro = [(x_tr[group][i:i + micro_batch], m_tr[group][i:i + micro_batch], t_tr[group][i:i + micro_batch])
-                     for i in range(0, len(t_tr[group]), micro_batch)]
-            losses.append(accumulate_gradients(model, micro, len(t_tr[group]), runtime, scaler, oom_hook))
+            micro = [tuple(t[i:i + micro_batch] for t in group) for i in range(0, len(group[2]), micro_batch)]
+            losses.append(accumulate_gradients(model, micro, len(group[2]), runtime, scaler, oom_hook, loss_fn))
             if scaler is not None:
                 scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -2395,10 +2590,11 @@ def train_torch_fold(data: DeepFoldData, x_valid: np.ndarray, m_valid: np.ndarra
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
-        probs = predict_torch_probs(model, x_valid, m_valid, runtime) if len(x_valid) else None
+        outputs = predict_torch_probs(model, x_valid, m_valid, runtime, with_orientation=True) if len(x_valid) else None
+        probs, orientation = split_outputs(outputs)
         if keeper.end_epoch(float(np.mean(losses)) if losses else float("nan"), probs,
                             lambda x, mask: predict_torch_probs(model, x, mask, runtime), scheduler.get_last_lr()[0],
-                            time.perf_counter() - started, lambda: _state_copy(model)):
+                            time.perf_counter() - started, lambda: _state_copy(model), orientation):
             break
     return keeper.result(dl_cfg.EPOCHS, lambda: _state_copy(model)) | {"micro_batch": micro_batch,
                                                                        "accum_steps": accum_steps}
@@ -2458,9 +2654,9 @@ def train_torch(inputs: DeepInputs, sequences: pl.DataFrame, folds: np.ndarray, 
     channels = deep_channels(variant)
     pad_len = torch_pad_length(inputs.lengths, dl_cfg)
     LOG.info("Torch %-4s | %s | %d channels, pad %d, %d pooling stages of width %d, GRU %d, batch %d, %d epochs, "
-             "%d seed(s), selection %s, full-data refit %s", variant, runtime.words or runtime.describe(),
+             "%d seed(s), selection %s, full-data refit %s, %s", variant, runtime.words or runtime.describe(),
              len(channels), pad_len, dl_cfg.POOLS, dl_cfg.CONV_WIDTH, dl_cfg.HIDDEN, dl_cfg.BATCH_SIZE, dl_cfg.EPOCHS,
-             dl_cfg.SEEDS, recipe.SELECTION, "on" if full_fit else "off")
+             dl_cfg.SEEDS, recipe.SELECTION, "on" if full_fit else "off", describe_heads(recipe))
     LOG.info(log_table_row(EPOCH_LOG_HEADER, EPOCH_LOG_WIDTHS))
 
     def fit_model(job: DeepJob) -> dict[str, Any]:
@@ -2473,7 +2669,7 @@ def train_torch(inputs: DeepInputs, sequences: pl.DataFrame, folds: np.ndarray, 
                       "std": torch.from_numpy(job.data.std), "pad_len": pad_len, "channels": channels,
                       "in_features": len(channels), "pools": dl_cfg.POOLS, "hidden": dl_cfg.HIDDEN,
                       "conv_width": dl_cfg.CONV_WIDTH, "dropout": dl_cfg.DROPOUT, "kept_epoch": result["epoch"],
-                      "selection": recipe.SELECTION, "classes": list(GESTURES)}
+                      "selection": recipe.SELECTION, "classes": list(GESTURES), **auxiliary_heads(job.data)}
         _atomic_write(model_dir / relative, lambda tmp: torch.save(checkpoint, tmp))
         return result | {"path": relative}
 
@@ -2498,6 +2694,9 @@ class DeepJob:
 
 
 SEED_STRIDE = 1000                # model seed = run seed + fold + 1000 x seed index: no two models share one
+# Each deep family draws its own initialisation, augmentation and mixup pairs: two views of the data, not one
+# network trained twice on the same epochs.
+FAMILY_SEED_OFFSET = {"torch": 0, "keras": 500}
 
 
 def deep_model_name(family: str, variant: str, part: str, seed_index: int) -> str:
@@ -2519,8 +2718,10 @@ def cross_validate_deep(family: str, variant: str, inputs: DeepInputs, sequences
     y = sequences["label"].to_numpy()
     eval_mask = np.ones(len(y), bool) if variant == "imu" else sequences["has_thm_tof"].to_numpy()
     channels = deep_channels(variant)
+    orientation = sequences["orientation_label"].to_numpy() if recipe.ORIENTATION_WEIGHT > 0 else None
     oof = np.full((len(y), len(GESTURES)), np.nan)
     oof_chosen = np.full_like(oof, np.nan)
+    oof_orientation = np.full((len(y), len(ORIENTATIONS)), np.nan)
     fold_metrics, paths, refit_paths, epoch_log = [], [], [], []
 
     def train_seeds(fold: int, fit_idx: np.ndarray, valid_idx: np.ndarray, watch_idx: np.ndarray, n_epochs: int,
@@ -2529,7 +2730,9 @@ def cross_validate_deep(family: str, variant: str, inputs: DeepInputs, sequences
         own initialisation, dropout and augmentation draws; the standardisation statistics are the rows'."""
         part, name = (f"f{fold}", f"fold{fold}") if fold >= 0 else ("all", "full")
         x_va, m_va = inputs.take(variant, pad_len, valid_idx)
-        shared = DeepFoldData(*inputs.take(variant, pad_len, fit_idx), y[fit_idx], channels, recipe, first_seed)
+        shared = DeepFoldData(*inputs.take(variant, pad_len, fit_idx), y[fit_idx], channels, recipe, first_seed,
+                              None if orientation is None else orientation[fit_idx],
+                              inputs.phase(pad_len, fit_idx) if recipe.PHASE_WEIGHT > 0 else None)
         watch = watch_set(inputs, variant, pad_len, watch_idx, shared, y, eval_mask)
         results = []
         for seed_index in range(seeds):
@@ -2547,7 +2750,7 @@ def cross_validate_deep(family: str, variant: str, inputs: DeepInputs, sequences
     n_folds = int(folds.max()) + 1
     for fold in (range(n_folds) if only_folds is None else only_folds):     # only_folds: for bench/
         train_idx, valid_idx, watch_idx = deep_fold_rows(sequences, folds, fold, recipe, seed)
-        kept = train_seeds(fold, train_idx, valid_idx, watch_idx, epochs, seed + fold)
+        kept = train_seeds(fold, train_idx, valid_idx, watch_idx, epochs, seed + fold + FAMILY_SEED_OFFSET[family])
         for seed_index, result in enumerate(kept):
             paths.append(result["path"])
             fold_metrics.append(deep_fold_summary(family, variant, fold, result["label"], len(train_idx),
@@ -2555,6 +2758,8 @@ def cross_validate_deep(family: str, variant: str, inputs: DeepInputs, sequences
                                 | {"seed": seed_index})
         oof[valid_idx] = np.mean([r["probs"] for r in kept], axis=0)
         oof_chosen[valid_idx] = np.mean([r["oof_chosen"]["probs"] for r in kept], axis=0)
+        if all(r.get("orientation") is not None for r in kept):
+            oof_orientation[valid_idx] = np.mean([r["orientation"] for r in kept], axis=0)
         if seeds > 1:
             scored = valid_idx[eval_mask[valid_idx]]
             LOG.info("%s %s f%d: %d seeds averaged, score %.4f (single seeds %s)", family, variant, fold, seeds,
@@ -2564,13 +2769,23 @@ def cross_validate_deep(family: str, variant: str, inputs: DeepInputs, sequences
         refit_epochs = epochs if recipe.SELECTION == "fixed" else max(1, round(float(np.mean(
             [m["best_iteration"] for m in fold_metrics]))))
         nobody = np.zeros(0, dtype=np.int64)
-        for result in train_seeds(-1, np.arange(len(y)), nobody, nobody, refit_epochs, seed + n_folds):
+        for result in train_seeds(-1, np.arange(len(y)), nobody, nobody, refit_epochs,
+                                  seed + n_folds + FAMILY_SEED_OFFSET[family]):
             refit_paths.append(result["path"])
             LOG.info("%s: full-data refit on all %d sequences, %d epochs (%s), %.1f s", result["label"], len(y),
                      refit_epochs, "fixed" if recipe.SELECTION == "fixed" else "the folds' mean kept epoch",
                      result["seconds"])
-    return finish_deep_family(family, variant, y, oof, oof_chosen, eval_mask, channels, paths, fold_metrics,
-                              epoch_log, started, refit_paths)
+    result = finish_deep_family(family, variant, y, oof, oof_chosen, eval_mask, channels, paths, fold_metrics,
+                                epoch_log, started, refit_paths)
+    scored = result.eval_mask & np.isfinite(oof_orientation).all(axis=1) & (sequences["orientation_label"].to_numpy() >= 0)
+    if scored.any():
+        truth = sequences["orientation_label"].to_numpy()[scored]
+        result.oof_orientation = np.where(result.eval_mask[:, None], oof_orientation, np.nan)
+        result.orientation_accuracy = float((oof_orientation[scored].argmax(axis=1) == truth).mean())
+        LOG.info("%s %-4s | orientation head: out-of-fold accuracy %.4f on %d sequences (chance %.2f)",
+                 family.capitalize(), variant, result.orientation_accuracy, int(scored.sum()),
+                 float(np.bincount(truth, minlength=len(ORIENTATIONS)).max() / len(truth)))
+    return result
 
 
 def deep_fold_rows(sequences: pl.DataFrame, folds: np.ndarray, fold: int, recipe: RecipeConfig, seed: int
@@ -2798,6 +3013,23 @@ def keras_layers() -> SimpleNamespace:
             return super().get_config() | {"features": self.features}
 
     @keras.saving.register_keras_serializable(package="cmi")
+    class SelectChannels(keras.layers.Layer):
+        """The channels of one sensor group, by position (a branch's input)."""
+
+        def __init__(self, indices: Sequence[int], **kwargs):
+            super().__init__(**kwargs)
+            self.indices = [int(i) for i in indices]
+
+        def call(self, x):
+            return ops.take(x, self.indices, axis=-1)
+
+        def compute_output_shape(self, input_shape):
+            return tuple(input_shape[:-1]) + (len(self.indices),)
+
+        def get_config(self):
+            return super().get_config() | {"indices": self.indices}
+
+    @keras.saving.register_keras_serializable(package="cmi")
     class MaskFrames(keras.layers.Layer):
         """Zero the padded frames again after normalisation ((0 - mean) / std is not 0)."""
 
@@ -2822,8 +3054,13 @@ def keras_layers() -> SimpleNamespace:
             self.bias = self.add_weight(shape=(1,), initializer="zeros", name="bias")
 
         def call(self, inputs):
-            h, mask = inputs
+            """[h, mask] or [h, mask, phase logits]: with the phase head, its log-probability of Gesture is
+            added to each step's logit (gesture steps weighted up), as in TimeSeriesNet."""
+            h, mask = inputs[0], inputs[1]
             logits = ops.squeeze(ops.matmul(h, self.kernel) + self.bias, axis=-1)          # (B, T')
+            if len(inputs) > 2:                  # bounded below, so that fp16 never holds -inf on a real step
+                gesture = ops.maximum(ops.log_sigmoid(ops.cast(inputs[2], "float32")), -1e4)
+                logits = logits + ops.cast(gesture, logits.dtype)
             fill = ops.cast(self.fill_value, logits.dtype)
             logits = ops.where(mask > 0, logits, ops.full_like(logits, fill))
             weights = ops.cast(ops.softmax(ops.cast(logits, "float32"), axis=1), h.dtype)
@@ -2847,27 +3084,83 @@ def keras_layers() -> SimpleNamespace:
         def compute_output_shape(self, input_shape):
             return (input_shape[0][0], input_shape[0][-1])
 
-    return SimpleNamespace(FoldStandardize=FoldStandardize, MaskFrames=MaskFrames,
-                           KerasTemporalAttention=KerasTemporalAttention, MaskedMean=MaskedMean)
+    def masked_phase_loss(share, logits):
+        """Binary cross-entropy of the phase logits against each pooled step's share of Gesture frames, over
+        the real steps only (a padded step's target is -1), as training_loss does for Torch."""
+        share, logits = ops.cast(share, "float32"), ops.cast(logits, "float32")
+        real = ops.cast(share >= 0, "float32")
+        target = ops.maximum(share, 0.0)
+        bce = ops.maximum(logits, 0.0) - logits * target + ops.log1p(ops.exp(-ops.abs(logits)))
+        return ops.sum(bce * real, axis=-1) / ops.maximum(ops.sum(real, axis=-1), 1.0)
+
+    return SimpleNamespace(FoldStandardize=FoldStandardize, MaskFrames=MaskFrames, SelectChannels=SelectChannels,
+                           KerasTemporalAttention=KerasTemporalAttention, MaskedMean=MaskedMean,
+                           masked_phase_loss=masked_phase_loss)
 
 
 def conv_block(x, filters: int, kernel: int, block: int):
-    """Conv1D -> BatchNorm -> GELU -> MaxPool(2); returns the output and the pooling layer (for the mask)."""
+    """Conv1D -> BatchNorm -> GELU -> MaxPool(2); returns the output and the layers that changed the time axis
+    (for the mask). On an odd length the OLDEST step is cropped first, never the newest (as HalvingMaxPool:
+    the padding is in front, the gesture's end at the last step)."""
     import keras
     x = keras.layers.Conv1D(filters, kernel, padding="same", use_bias=False, name=f"conv{block}")(x)
     x = keras.layers.BatchNormalization(name=f"bn{block}")(x)
     x = keras.layers.Activation("gelu", name=f"gelu{block}")(x)
-    pool = keras.layers.MaxPooling1D(2, name=f"pool{block}")
-    return pool(x), pool
+    timing = [keras.layers.Cropping1D((1, 0), name=f"crop{block}")] if x.shape[1] % 2 else []
+    timing.append(keras.layers.MaxPooling1D(2, name=f"pool{block}"))
+    for layer in timing:
+        x = layer(x)
+    return x, timing
+
+
+def sensor_branches(channels: Sequence[str] | None, in_features: int) -> list[tuple[str, list[int]]]:
+    """(name, channel positions) per sensor group of a deep model's channels: the IMU features, thm (with its
+    missing share) and each ToF sensor (with its missing indicator). Unnamed channels: one branch of all."""
+    if channels is None:
+        return [("all", list(range(in_features)))]
+    channels = list(channels)
+    groups = [("imu", [channels.index(c) for c in IMU_FRAME_FEATURES if c in channels])]
+    groups += [(group, [channels.index(c) for c in [*names, indicator] if c in channels])
+               for group, (names, indicator) in SENSOR_GROUPS.items()]
+    groups = [(group, index) for group, index in groups if index]
+    covered = sorted(i for _, index in groups for i in index)
+    if covered != list(range(len(channels))):
+        raise ValueError(f"the sensor branches cover {len(covered)} of {len(channels)} channels")
+    return groups
+
+
+def residual_se_block(x, filters: int, kernel: int, name: str):
+    """Conv -> BN -> GELU -> Conv -> BN, squeeze-and-excitation (the channels re-weighted by a summary of the
+    whole sequence), plus the input (projected when its width differs), GELU: the branch block of the gold
+    solutions' sensor-group networks."""
+    import keras
+    layers = keras.layers
+    shortcut = x if x.shape[-1] == filters else layers.Conv1D(filters, 1, name=f"{name}_proj")(x)
+    y = layers.Conv1D(filters, kernel, padding="same", use_bias=False, name=f"{name}_conv1")(x)
+    y = layers.Activation("gelu", name=f"{name}_gelu1")(layers.BatchNormalization(name=f"{name}_bn1")(y))
+    y = layers.Conv1D(filters, kernel, padding="same", use_bias=False, name=f"{name}_conv2")(y)
+    y = layers.BatchNormalization(name=f"{name}_bn2")(y)
+    squeeze = layers.GlobalAveragePooling1D(name=f"{name}_squeeze")(y)
+    squeeze = layers.Dense(max(filters // 4, 4), activation="gelu", name=f"{name}_se1")(squeeze)
+    squeeze = layers.Dense(filters, activation="sigmoid", name=f"{name}_se2")(squeeze)
+    y = layers.Multiply(name=f"{name}_excite")([y, layers.Reshape((1, filters), name=f"{name}_se_shape")(squeeze)])
+    return layers.Activation("gelu", name=f"{name}_out")(layers.Add(name=f"{name}_add")([shortcut, y]))
 
 
 def build_keras_model(in_features: int, pad_len: int, conv_blocks: int, hidden: int = 128, dropout: float = 0.3,
-                      n_classes: int = len(GESTURES), name: str = "keras", width: int = 128):
+                      n_classes: int = len(GESTURES), name: str = "keras", width: int = 128, orientations: int = 0,
+                      phase_head: bool = False, branches: list[tuple[str, list[int]]] | None = None):
     """The network that trains: standardised padded frames (pad_len x in_features, padding 0) and their mask
     in, class probabilities out. Conv blocks as in TimeSeriesNet (conv_plan), the mask max-pooled once per pooling layer
     actually built, a BiGRU, attention + masked mean, and a float32 softmax head (under mixed precision the
     output must not be fp16). Every layer has a fixed name, so two networks of one shape exchange weights and
-    checkpoints whatever the network's own name. keras_inference_model wraps it for saving."""
+    checkpoints whatever the network's own name. keras_inference_model wraps it for saving. Auxiliary heads as in
+    TimeSeriesNet: ``orientations`` > 0 adds an "orientation" softmax output on the pooled vector, ``phase_head``
+    a per-step "phase" logit output whose log-probability of Gesture weights the attention up; outputs in the
+    order probabilities, orientation, phase (those built). ``branches`` (sensor_branches): each sensor group
+    first reads its own channels through two residual SE blocks (the IMU ``width`` channels wide, the others
+    half), and the branches are concatenated before the conv stages (almost every gold solution; 1st place
+    calls the branches the key part). None: one conv stack reads every channel at once, as TimeSeriesNet."""
     import keras
     if conv_blocks not in (3, 4):
         raise ConfigError(f"KERAS_CONV_BLOCKS={conv_blocks} must be 3 or 4")
@@ -2875,24 +3168,42 @@ def build_keras_model(in_features: int, pad_len: int, conv_blocks: int, hidden: 
     frames = keras.Input((pad_len, in_features), name="frames")
     mask = keras.Input((pad_len,), name="mask")
     x = frames
-    pools = []
+    if branches:
+        outputs = []
+        for group, index in branches:
+            b = custom.SelectChannels(index, name=f"{group}_channels")(frames)
+            filters = width if group in ("imu", "all") else max(width // 2, 4)
+            for k, kernel in enumerate((5, 3), start=1):
+                b = residual_se_block(b, filters, kernel, f"{group}_block{k}")
+            outputs.append(b)
+        x = outputs[0] if len(outputs) == 1 else keras.layers.Concatenate(name="branches")(outputs)
+    timing = []
     for block, (filters, kernel) in enumerate(conv_plan(width, conv_blocks), start=1):
-        x, pool = conv_block(x, filters, kernel, block)
-        pools.append(pool)
+        x, layers = conv_block(x, filters, kernel, block)
+        timing += layers
     x = keras.layers.Dropout(dropout, name="conv_features")(x)
-    # The mask goes through the same pooling layers' sizes and strides, once per layer built: never a
-    # separately typed count that can drift from the conv stack.
+    # The mask goes through the same crops and pools as the signal, one copy of each layer built (its
+    # config, under the mask's name): never a separately typed count that can drift from the conv stack.
     m = keras.layers.Reshape((pad_len, 1), name="mask_channel")(mask)
-    for block, pool in enumerate(pools, start=1):
-        m = keras.layers.MaxPooling1D(pool.pool_size, pool.strides, padding=pool.padding, name=f"mask_pool{block}")(m)
+    for layer in timing:
+        m = type(layer).from_config(layer.get_config() | {"name": f"mask_{layer.name}"})(m)
     m = keras.layers.Reshape((-1,), name="downsampled_mask")(m)
     h = keras.layers.Bidirectional(keras.layers.GRU(hidden, return_sequences=True, name="gru"), name="bigru")(x)
-    pooled = keras.layers.Concatenate(name="pooled")([custom.KerasTemporalAttention(name="attention")([h, m]),
+    attention_inputs = [h, m]
+    if phase_head:
+        phase = keras.layers.Dense(1, dtype="float32", name="phase_logit")(h)
+        attention_inputs.append(keras.layers.Reshape((-1,), name="phase")(phase))
+    pooled = keras.layers.Concatenate(name="pooled")([custom.KerasTemporalAttention(name="attention")(attention_inputs),
                                                       custom.MaskedMean(name="masked_mean")([h, m])])
     z = keras.layers.Dense(2 * hidden, activation="gelu", name="dense")(pooled)
     z = keras.layers.Dropout(dropout, name="head_dropout")(z)
-    out = keras.layers.Dense(n_classes, activation="softmax", dtype="float32", name="probabilities")(z)
-    return keras.Model([frames, mask], out, name=name)
+    outputs = [keras.layers.Dense(n_classes, activation="softmax", dtype="float32", name="probabilities")(z)]
+    if orientations:
+        outputs.append(keras.layers.Dense(orientations, activation="softmax", dtype="float32",
+                                          name="orientation")(pooled))
+    if phase_head:
+        outputs.append(attention_inputs[2])
+    return keras.Model([frames, mask], outputs if len(outputs) > 1 else outputs[0], name=name)
 
 
 def keras_inference_model(network, mean: np.ndarray, std: np.ndarray, name: str):
@@ -2908,7 +3219,11 @@ def keras_inference_model(network, mean: np.ndarray, std: np.ndarray, name: str)
     x = standardize(frames)
     standardize.set_weights([np.asarray(mean, np.float32), np.asarray(std, np.float32)])
     x = custom.MaskFrames(name="mask_frames")([x, mask])
-    return keras.Model([frames, mask], network([x, mask]), name=name)
+    outputs = network([x, mask])
+    if isinstance(outputs, (list, tuple)):          # the gestures, then the orientation (the phase is for training)
+        kept = [o for o, out_name in zip(outputs, network.output_names) if out_name in ("probabilities", "orientation")]
+        outputs = kept[0] if len(kept) == 1 else keras.layers.Concatenate(name="outputs", dtype="float32")(kept)
+    return keras.Model([frames, mask], outputs, name=name)
 
 
 def seed_keras_fold(seed: int) -> None:
@@ -2931,7 +3246,10 @@ class KerasFoldTrainer:
     as it would in a model of its own."""
 
     def __init__(self, in_features: int, pad_len: int, keras_cfg: KerasConfig, runtime: KerasRuntime,
-                 name: str) -> None:
+                 name: str, recipe: RecipeConfig | None = None, heads: dict[str, Any] | None = None,
+                 channels: Sequence[str] | None = None) -> None:
+        """``heads``: auxiliary_heads' keywords (none by default), their loss weights from ``recipe``;
+        ``channels``: the input channels' names, for the sensor branches (KERAS_ARCHITECTURE=branches)."""
         import keras
         policy = keras.mixed_precision.global_policy()
         keras.backend.clear_session()                      # one variant's graphs and names do not pile up
@@ -2940,22 +3258,49 @@ class KerasFoldTrainer:
         keras.mixed_precision.set_global_policy(policy)
         self.cfg, self.runtime = keras_cfg, runtime
         self.in_features, self.pad_len = in_features, pad_len
+        self.heads = heads or {"orientations": 0, "phase_head": False}
+        self.branches = sensor_branches(channels, in_features) if keras_cfg.ARCHITECTURE == "branches" else None
         self.model = self.network(name)
+        losses, weights = ["categorical_crossentropy"], [1.0]
+        if self.heads["orientations"]:
+            losses.append("categorical_crossentropy")
+            weights.append(recipe.ORIENTATION_WEIGHT)
+        if self.heads["phase_head"]:
+            losses.append(keras_layers().masked_phase_loss)
+            weights.append(recipe.PHASE_WEIGHT)
         self.model.compile(optimizer=keras.optimizers.AdamW(keras_cfg.LEARNING_RATE, weight_decay=1e-2),
-                           loss="categorical_crossentropy", jit_compile=runtime.jit_compile)
+                           loss=losses if len(losses) > 1 else losses[0],
+                           loss_weights=weights if len(weights) > 1 else None, jit_compile=runtime.jit_compile)
         self.model.optimizer.build(self.model.trainable_variables)
         self.optimizer_start = [keras.ops.convert_to_numpy(v) for v in self.model.optimizer.variables]
 
     def network(self, name: str):
         cfg = self.cfg
         return build_keras_model(self.in_features, self.pad_len, cfg.CONV_BLOCKS, hidden=cfg.HIDDEN, name=name,
-                                 width=cfg.CONV_WIDTH)
+                                 width=cfg.CONV_WIDTH, branches=self.branches, **self.heads)
 
-    def probabilities(self, x: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    def probabilities(self, x: np.ndarray, mask: np.ndarray, with_orientation: bool = False) -> np.ndarray:
+        """(N, 18) gesture probabilities; with ``with_orientation`` the orientation head's 4 follow (if any)."""
         # predict_on_batch in chunks: model.predict() sets up a data adapter and callbacks on every call.
         step = max(self.cfg.BATCH_SIZE, 2048)
-        return np.concatenate([np.asarray(self.model.predict_on_batch([x[i:i + step], mask[i:i + step]]),
-                                          dtype=np.float64) for i in range(0, len(x), step)])
+        chunks = []
+        for i in range(0, len(x), step):
+            out = self.model.predict_on_batch([x[i:i + step], mask[i:i + step]])
+            parts = list(out) if isinstance(out, (list, tuple)) else [out]
+            parts = parts[:2] if with_orientation and self.heads["orientations"] else parts[:1]
+            chunks.append(np.concatenate([np.asarray(p, dtype=np.float64) for p in parts], axis=1))
+        return np.concatenate(chunks)
+
+    def targets(self, epoch: Epoch, part: slice) -> Any:
+        """train_on_batch's targets: the gestures, then the orientation and the pooled phase share (-1 on a
+        padded pooled step) when the heads exist."""
+        out = [epoch.targets[part]]
+        if self.heads["orientations"]:
+            out.append(epoch.orientation[part])
+        if self.heads["phase_head"]:
+            share, real = pooled_phase_targets(epoch.phase[part], epoch.mask[part], self.cfg.CONV_BLOCKS)
+            out.append(np.where(real > 0, share, -1.0).astype(np.float32))
+        return out if len(out) > 1 else out[0]
 
     def fit_fold(self, data: DeepFoldData, x_valid: np.ndarray, m_valid: np.ndarray, y_valid: np.ndarray,
                  score_mask: np.ndarray, epochs: int, seed: int, label: str, name: str, path: Path,
@@ -2986,20 +3331,22 @@ class KerasFoldTrainer:
         keeper = EpochKeeper(label, y_valid, score_mask, watch, self.cfg.EARLY_STOPPING_PATIENCE,
                              self.cfg.ES_MIN_DELTA)
         step = 0
-        for x_ep, m_ep, t_ep in prefetched_epochs(data, epochs):
+        for epoch in prefetched_epochs(data, epochs):
             started = time.perf_counter()
             losses = []
             for start in range(0, n, batch):
                 part = slice(start, start + batch)
-                if len(t_ep[part]) < 2:                    # BatchNorm cannot train on one sample, as in Torch
+                if len(epoch.targets[part]) < 2:           # BatchNorm cannot train on one sample, as in Torch
                     continue
                 self.model.optimizer.learning_rate = one_cycle_lr(step, total_steps, self.cfg.LEARNING_RATE)
-                losses.append(float(self.model.train_on_batch([x_ep[part], m_ep[part]], t_ep[part])))
+                loss = self.model.train_on_batch([epoch.x[part], epoch.mask[part]], self.targets(epoch, part))
+                losses.append(float(np.atleast_1d(loss)[0]))        # the total, with auxiliary heads a list
                 step += 1
             lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
-            probs = self.probabilities(x_valid, m_valid) if len(x_valid) else None
+            outputs = self.probabilities(x_valid, m_valid, with_orientation=True) if len(x_valid) else None
+            probs, orientation = split_outputs(outputs)
             if keeper.end_epoch(float(np.mean(losses)) if losses else float("nan"), probs, self.probabilities, lr,
-                                time.perf_counter() - started, self.model.get_weights):
+                                time.perf_counter() - started, self.model.get_weights, orientation):
                 break
         result = keeper.result(epochs, self.model.get_weights)
         fold_network.set_weights(result.pop("state"))
@@ -3016,15 +3363,19 @@ def train_keras(inputs: DeepInputs, sequences: pl.DataFrame, folds: np.ndarray, 
     keras_cfg = resolve_device_defaults(keras_cfg, runtime.gpu, "KERAS")
     channels = deep_channels(variant)
     pad_len = keras_cfg.FIXED_PAD_LEN
-    LOG.info("Keras %-4s | %s | %d channels, pad %d, %d conv blocks of width %d, GRU %d, batch %d, %d epochs, "
-             "%d seed(s), selection %s, full-data refit %s", variant, runtime.describe(), len(channels), pad_len,
+    LOG.info("Keras %-4s | %s | %d channels, pad %d, %s, %d conv blocks of width %d, GRU %d, batch %d, %d epochs, "
+             "%d seed(s), selection %s, full-data refit %s, %s", variant, runtime.describe(), len(channels), pad_len,
+             "sensor-group branches" if keras_cfg.ARCHITECTURE == "branches" else "one stacked conv stack",
              keras_cfg.CONV_BLOCKS, keras_cfg.CONV_WIDTH, keras_cfg.HIDDEN, keras_cfg.BATCH_SIZE, keras_cfg.EPOCHS,
-             keras_cfg.SEEDS, recipe.SELECTION, "on" if full_fit else "off")
+             keras_cfg.SEEDS, recipe.SELECTION, "on" if full_fit else "off", describe_heads(recipe))
     LOG.info(log_table_row(EPOCH_LOG_HEADER, EPOCH_LOG_WIDTHS))
     models_dir = model_dir / "models"
     models_dir.mkdir(parents=True, exist_ok=True)
+    heads = {"orientations": len(ORIENTATIONS) if recipe.ORIENTATION_WEIGHT > 0 else 0,
+             "phase_head": bool(recipe.PHASE_WEIGHT > 0 and inputs.gesture_frames is not None)}
     with keras_precision(runtime.mixed_precision):
-        trainer = KerasFoldTrainer(len(channels), pad_len, keras_cfg, runtime, name=f"keras_{variant}")
+        trainer = KerasFoldTrainer(len(channels), pad_len, keras_cfg, runtime, name=f"keras_{variant}", recipe=recipe,
+                                   heads=heads, channels=channels)
 
         def fit_model(job: DeepJob) -> dict[str, Any]:
             # save() writes in place: into a private folder beside the final file, which is moved into place
@@ -3300,14 +3651,16 @@ class SubjectAssigner:
         self.capacity = pooled_capacity(quota)
         self.decoding = decoding
         self.history: dict[str, list[np.ndarray]] = {}
+        self.orientations: dict[str, list[np.ndarray | None]] = {}   # the deep orientation heads', row for row
         self.lock = threading.Lock()
 
-    def answer(self, subject: str | None, probs: np.ndarray) -> int:
+    def answer(self, subject: str | None, probs: np.ndarray, orientation: np.ndarray | None = None) -> int:
         if subject is None:                                  # no subject id: nothing to assign against
             return int(decide_gestures(probs[None], self.decoding)[0])
         with self.lock:
             rows = self.history.setdefault(subject, [])
             rows.append(np.asarray(probs, dtype=np.float64))
+            self.orientations.setdefault(subject, []).append(orientation)
             return assign_within_subject(np.vstack(rows), self.capacity, self.decoding)
 
 
@@ -3336,13 +3689,19 @@ def machine_description() -> dict[str, Any]:
 
 
 def save_oof_predictions(path: Path, sequences: pl.DataFrame, folds: np.ndarray, results: list[FamilyResult]) -> None:
-    """One row per sequence: ids, truth, fold, and each family/variant's 18 out-of-fold probabilities."""
+    """One row per sequence: ids, truth (gesture, orientation), fold, and each family/variant's 18 out-of-fold
+    probabilities, then its orientation head's 4 when it has one."""
     table = sequences.select("sequence_id", "subject", "gesture", "has_thm_tof").with_columns(
         pl.Series("fold", folds))
+    if "orientation" in sequences.columns:
+        table = table.with_columns(sequences["orientation"])
     for result in results:
         prefix = f"{result.family}_{result.variant}"
         table = table.hstack(pl.from_numpy(result.oof_probs.astype(np.float32),
                                            schema=[f"{prefix}__{g}" for g in GESTURES]))
+        if result.oof_orientation is not None:              # the orientation head's, for the per-subject assignment
+            table = table.hstack(pl.from_numpy(result.oof_orientation.astype(np.float32),
+                                               schema=[f"{prefix}__orientation__{o}" for o in ORIENTATIONS]))
     _atomic_write(path, lambda tmp: table.write_parquet(tmp))
 
 
@@ -3352,7 +3711,8 @@ def write_artifact_manifest(model_dir: Path, settings: Settings, results: list[F
     for r in results:
         families.setdefault(r.family, {})[r.variant] = {
             "models": r.model_paths, "refit_models": r.refit_paths, "features": r.feature_columns,
-            "oof_score": None if r.overall is None else dataclasses.asdict(r.overall)}
+            "oof_score": None if r.overall is None else dataclasses.asdict(r.overall),
+            "orientation_accuracy": r.orientation_accuracy}
     manifest = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "classes": list(GESTURES),
                 **feature_record(settings.cfg.MIRROR_LEFT_HANDED, "models"),
                 "mirror_left_handed": settings.cfg.MIRROR_LEFT_HANDED, "families": families,
@@ -3543,6 +3903,11 @@ class GesturePredictor:
         return "imu" if self.models["imu"] else "full"
 
     def predict_proba(self, sequence: pl.DataFrame, demographics: pl.DataFrame | None) -> tuple[np.ndarray, str]:
+        """(the route's blended gesture probabilities, the route)."""
+        prediction = self.predict_sequence(sequence, demographics)
+        return prediction.probs, prediction.route
+
+    def predict_sequence(self, sequence: pl.DataFrame, demographics: pl.DataFrame | None) -> "Prediction":
         raw, demo = self.sanitize(sequence, demographics)
         if raw.shape[0] == 0:
             raise ValueError("empty sequence")
@@ -3574,19 +3939,30 @@ class GesturePredictor:
         weights = np.array([self.weights.get(variant, {}).get(name, 1.0) for name, _ in outcomes])
         if weights.sum() <= 0:
             weights = np.ones(len(outcomes))
-        return blend(np.stack([p for _, p in outcomes]), weights), variant
+        answered = {name for name, _ in outcomes}
+        heads = [p for name, p in inputs.orientation.items() if name in answered and np.isfinite(p).all()]
+        return Prediction(blend(np.stack([p for _, p in outcomes]), weights), variant,
+                          np.mean(heads, axis=0) if heads else None)
 
-    def answer(self, sequence: pl.DataFrame, probs: np.ndarray) -> int:
-        """The gesture index: the decoded probabilities, or the per-subject assignment when it is on."""
+    def answer(self, sequence: pl.DataFrame, probs: np.ndarray, orientation: np.ndarray | None = None) -> int:
+        """The gesture index: the decoded probabilities, or the per-subject assignment when it is on (which keeps
+        the sequence's orientation probabilities in its history)."""
         if self.assigner is None:
             return int(decide_gestures(probs[None], self.decoding)[0])
         try:
             subject = sequence["subject"][0] if "subject" in sequence.columns and sequence.height else None
-            return self.assigner.answer(subject, probs)             # a string: admit() made it one
+            return self.assigner.answer(subject, probs, orientation)   # a string: admit() made it one
         except Exception as exc:                            # never worse than the plain answer
             self.warnings.warn("per_subject", f"per-subject assignment failed ({type(exc).__name__}: {exc}); "
                                               "answering the decoded probabilities")
             return int(decide_gestures(probs[None], self.decoding)[0])
+
+
+class Prediction(NamedTuple):
+    """What the predictor computes for one sequence."""
+    probs: np.ndarray                    # (18,) the route's blended gesture probabilities
+    route: str                           # "imu" or "full"
+    orientation: np.ndarray | None       # (4,) the deep families' orientation heads, averaged; None without one
 
 
 class SequenceInputs:
@@ -3597,6 +3973,14 @@ class SequenceInputs:
         self.frame_values, self.demographics = frame_values, demographics
         self._row: np.ndarray | None = None
         self._channels: dict[str, np.ndarray] = {}
+        self.orientation: dict[str, np.ndarray] = {}     # family -> its orientation head's probabilities
+
+    def keep_orientation(self, family: str, outputs: np.ndarray) -> np.ndarray:
+        """A deep family's output probabilities (18 gestures [+ 4 orientations]) -> the gestures; the
+        orientation part, when there is one, is kept here for predict()'s per-subject history."""
+        if len(outputs) > len(GESTURES):
+            self.orientation[family] = outputs[len(GESTURES):]
+        return outputs[:len(GESTURES)]
 
     @property
     def aggregate_row(self) -> np.ndarray:
@@ -3679,13 +4063,14 @@ class TorchFamily:
                 raise ValueError("checkpoint input channels differ from the manifest's (trained by another version?)")
             ck.setdefault("conv_width", 128)             # checkpoints from before the width was configurable
             net = build_time_series_net(ck["in_features"], pools=ck["pools"], hidden=ck["hidden"], dropout=ck["dropout"],
-                                        width=ck["conv_width"])
+                                        width=ck["conv_width"], orientations=ck.get("orientations", 0),
+                                        phase_head=ck.get("phase_head", False))
             net.load_state_dict(ck["state_dict"])
             net.eval()
             self.models.append((net, ck["mean"].numpy(), ck["std"].numpy(), ck["pad_len"]))
         # One stacked network when the folds share an architecture (they do within a run), else a loop.
-        same = len({(ck["in_features"], ck["pools"], ck["hidden"], ck["conv_width"], ck["pad_len"])
-                    for ck in checkpoints}) == 1
+        same = len({(ck["in_features"], ck["pools"], ck["hidden"], ck["conv_width"], ck["pad_len"],
+                     ck.get("orientations", 0), ck.get("phase_head", False)) for ck in checkpoints}) == 1
         self.stack = StackedNets([m[0] for m in self.models], self.weights) if same and len(self.models) > 1 else None
         if self.stack is not None:
             self.pad_len = self.models[0][3]
@@ -3700,19 +4085,23 @@ class TorchFamily:
                    columns, member_weights(len(folds), len(refits)))
 
     def predict(self, inputs: SequenceInputs) -> np.ndarray:
+        """The gesture probabilities; the orientation head's, when the nets have one, go to inputs.orientation."""
         channels = inputs.channels(self.variant)
         if self.stack is not None:
             import torch
             x, mask = pad_last_frames(channels, self.pad_len)
             x = standardize_frames(x[None], mask[None], self.means, self.stds)[:, None]     # (K, 1, T, C)
             with torch.inference_mode():
-                return self.stack(torch.from_numpy(x), torch.from_numpy(mask[None])).numpy()[0].astype(np.float64)
-        probs = []
-        for net, mean, std, pad_len in self.models:
-            x, mask = pad_last_frames(channels, pad_len)
-            x = standardize_frames(x[None], mask[None], mean, std)
-            probs.append(predict_torch_probs(net, x, mask[None], self.runtime)[0])
-        return self.weights @ np.stack(probs).astype(np.float64)
+                outputs = self.stack(torch.from_numpy(x), torch.from_numpy(mask[None])).numpy()[0].astype(np.float64)
+        else:
+            rows = []
+            for net, mean, std, pad_len in self.models:
+                x, mask = pad_last_frames(channels, pad_len)
+                x = standardize_frames(x[None], mask[None], mean, std)
+                rows.append(predict_torch_probs(net, x, mask[None], self.runtime, with_orientation=True)[0])
+            width = min(len(r) for r in rows)              # the orientation part only if every net has one
+            outputs = self.weights @ np.stack([r[:width] for r in rows]).astype(np.float64)
+        return inputs.keep_orientation("torch", outputs)
 
 
 class KerasFamily:
@@ -3767,8 +4156,10 @@ class KerasFamily:
                    len(refits))
 
     def predict(self, inputs: SequenceInputs) -> np.ndarray:
+        """The gesture probabilities; the orientation head's, when the models have one, go to inputs.orientation."""
         x, mask = pad_last_frames(inputs.channels(self.variant), self.pad_len)
-        return np.asarray(self.model.predict_on_batch([x[None], mask[None]]), dtype=np.float64)[0]
+        return inputs.keep_orientation("keras", np.asarray(self.model.predict_on_batch([x[None], mask[None]]),
+                                                           dtype=np.float64)[0])
 
 
 _PREDICTOR_LOCK = threading.Lock()
@@ -3828,10 +4219,10 @@ def predict(sequence: pl.DataFrame, demographics: pl.DataFrame) -> str:
     try:
         predictor = _get_predictor()
         sequence, demographics = predictor.admit(sequence, demographics)
-        probs, _ = predictor.predict_proba(sequence, demographics)
+        probs, _, orientation = predictor.predict_sequence(sequence, demographics)
         if not np.all(np.isfinite(probs)):
             raise ValueError("model probabilities are not finite")
-        gesture = GESTURES[predictor.answer(sequence, probs)]
+        gesture = GESTURES[predictor.answer(sequence, probs, orientation)]
         _PREDICTOR_STATE["answers"] += 1
         return gesture
     except Exception as exc:
@@ -4054,14 +4445,16 @@ def summary_table(results: list[FamilyResult], failed: list[dict[str, Any]], ens
     """One row per family and route, failed families, then the ensemble rows (summary.csv)."""
     def row(family: str, route: str, n_scored: int, score: float | None = None, binary_f1: float | None = None,
             macro_f1: float | None = None, best: float | None = None, seconds: float | None = None,
-            note: str = "") -> dict[str, Any]:
+            note: str = "", orientation: float | None = None) -> dict[str, Any]:
         return {"family": family, "route": route, "n_scored": n_scored, "oof_score": score, "binary_f1": binary_f1,
-                "macro_f1": macro_f1, "mean_best_iteration": best, "train_seconds": seconds, "note": note}
+                "macro_f1": macro_f1, "mean_best_iteration": best, "train_seconds": seconds,
+                "orientation_accuracy": orientation, "note": note}
 
     rows = [row(r.family, r.variant, int(r.eval_mask.sum()), round(r.overall.score, 4), round(r.overall.binary_f1, 4),
                 round(r.overall.macro_f1, 4), round(float(np.mean([m["best_iteration"] for m in r.fold_metrics])), 1),
                 round(r.seconds, 1), "" if r.oof_chosen is None else
-                f"epochs chosen on the out-of-fold rows would claim {r.oof_chosen.score:.4f}") for r in results]
+                f"epochs chosen on the out-of-fold rows would claim {r.oof_chosen.score:.4f}",
+                None if r.orientation_accuracy is None else round(r.orientation_accuracy, 4)) for r in results]
     rows += [row(f["family"], f["route"], 0, note=f"FAILED: {f['error']}") for f in failed]
     rows += [row("ensemble", route, e.n_scored, round(e.honest.score, 4), round(e.honest.binary_f1, 4),
                  round(e.honest.macro_f1, 4),
@@ -4110,7 +4503,9 @@ def train_all(train: pl.DataFrame, settings: Settings, model_dir: Path, timer: S
         # holding a second, partitioned copy of the table.
         cache = frame_cache_for_run(frames, store, settings.frame_cache,
                                     raw_source=lambda sid: train.filter(pl.col("sequence_id") == sid))
-        deep_inputs = DeepInputs(cache, frames.ids, frames.lengths)
+        gesture_frames = ((train["phase"] == "Gesture").fill_null(False).to_numpy().astype(np.float32)
+                          if "phase" in train.columns else None)
+        deep_inputs = DeepInputs(cache, frames.ids, frames.lengths, gesture_frames)
     with timer("aggregate features"):
         features = build_feature_table(train, cfg.MIRROR_LEFT_HANDED, frames)
     del frames                                              # the cache keeps what the deep models need

@@ -41,6 +41,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 NO_AUGMENTATION = {"AUG_STRETCH": "0", "AUG_CROP": "0", "AUG_ROTATION_DEG": "0", "AUG_JITTER": "0", "AUG_NOISE": "0",
                    "AUG_SENSOR_DROPOUT": "0", "AUG_MIXUP": "0", "AUG_LABEL_SMOOTHING": "0"}
 ALL_FAMILIES, TORCH_ONLY = ("lgbm", "torch", "keras"), ("torch",)
+NO_HEADS = {"AUX_ORIENTATION_WEIGHT": "0", "AUX_PHASE_WEIGHT": "0"}
 
 
 def _without(*names: str) -> dict[str, str]:
@@ -68,6 +69,18 @@ ROWS = [
     ("refit", "the new default + the full-data refit (FULL_FIT=1)", {"FULL_FIT": "1"}, ALL_FAMILIES),
     ("together", "the new default + 3 seeds + the full-data refit (a GPU run's defaults at this budget's sizes)",
      {"DL_SEEDS": "3", "KERAS_SEEDS": "3", "FULL_FIT": "1"}, ALL_FAMILIES),
+    # How the sequence is read (with --baseline-script = the version before front padding, for 'base'):
+    ("front", "front padding + the data's quaternion sign; no auxiliary head, Keras stacked like Torch",
+     {**NO_HEADS, "KERAS_ARCHITECTURE": "stacked"}, ALL_FAMILIES),
+    ("orientation", "front + the orientation head (weight 0.5) alone",
+     {"AUX_ORIENTATION_WEIGHT": "0.5", "AUX_PHASE_WEIGHT": "0", "KERAS_ARCHITECTURE": "stacked"}, ALL_FAMILIES),
+    ("phase", "front + the phase head (weight 0.5, and its attention) alone", {"KERAS_ARCHITECTURE": "stacked"},
+     ALL_FAMILIES),
+    ("heads", "front + both heads", {"AUX_ORIENTATION_WEIGHT": "0.5", "KERAS_ARCHITECTURE": "stacked"}, ALL_FAMILIES),
+    ("branches", "front + Keras's sensor-group branches (and its own seeds) alone", NO_HEADS, ALL_FAMILIES),
+    ("views", "the default: front, the phase head, Keras's branches", {}, ALL_FAMILIES),
+    ("pad120", "the default, pad 120", {"DL_FIXED_PAD_LEN": "120", "KERAS_FIXED_PAD_LEN": "120"}, ALL_FAMILIES),
+    ("pad128", "the default, pad 128", {"DL_FIXED_PAD_LEN": "128", "KERAS_FIXED_PAD_LEN": "128"}, ALL_FAMILIES),
 ]
 
 

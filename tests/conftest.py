@@ -16,7 +16,7 @@ import train_infer as ti  # noqa: E402
 
 REAL_DIR = ROOT.parent / "shared" / "cmi_real"
 # Variables the script reads: tests start from a clean slate so a developer's shell cannot change them.
-SCRIPT_ENV_PREFIXES = ("CMI_", "LGBM_", "DL_", "TORCH_", "KERAS_", "FRAME_CACHE_", "ENSEMBLE_", "RUN_", "AUG_",
+SCRIPT_ENV_PREFIXES = ("CMI_", "LGBM_", "DL_", "TORCH_", "KERAS_", "FRAME_CACHE_", "ENSEMBLE_", "RUN_", "AUG_", "AUX_",
                        "DEEP_SELECTION", "FULL_FIT", "KAGGLE_IS_COMPETITION_RERUN")
 
 
@@ -59,9 +59,10 @@ def trained_run(tiny_data, tmp_path_factory) -> tuple[Path, dict]:
 
 @pytest.fixture(scope="session")
 def all_families_run(tiny_data, tmp_path_factory) -> tuple[Path, dict]:
-    """The default run (every family on), 2-3 epochs, two folds, small batches: the shape of the real thing."""
+    """The default run (every family on), 2-3 epochs, two folds, small batches: the shape of the real thing, with
+    the orientation head on too (off by default), so that the tests cover both auxiliary heads' path."""
     out = tmp_path_factory.mktemp("all_families")
-    with script_env(DL_EPOCHS="3", KERAS_EPOCHS="2", DL_BATCH_SIZE="32", KERAS_BATCH_SIZE="64",
+    with script_env(DL_EPOCHS="3", KERAS_EPOCHS="2", DL_BATCH_SIZE="32", KERAS_BATCH_SIZE="64", AUX_ORIENTATION_WEIGHT="0.5",
                     LGBM_N_ESTIMATORS="20", LGBM_ES_ROUNDS="5", ENSEMBLE_TRIALS="64"):
         result = ti.main(["--data-dir", str(tiny_data), "--output-dir", str(out), "--folds", "2"])
     return out, result

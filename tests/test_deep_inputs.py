@@ -92,11 +92,12 @@ ALL_ON = ti.RecipeConfig(PROBABILITY=1.0, SENSOR_DROPOUT=0.5)
 def test_each_epoch_keeps_shapes_masks_and_labels_consistent(variant):
     x, mask, y = _batch(variant)
     data = ti.DeepFoldData(x, mask, y, ti.deep_channels(variant), ALL_ON, seed=3)
-    z, m, targets = data.epoch(0)
+    z, m, targets = data.epoch(0)[:3]
     assert z.shape == x.shape and m.shape == mask.shape and targets.shape == (len(y), len(ti.GESTURES))
     assert np.isfinite(z).all() and z.dtype == np.float32
     assert set(np.unique(m)) <= {0.0, 1.0}
-    assert ((m[:, 1:] <= m[:, :-1]).all())                          # real frames first, then padding
+    assert ((m[:, 1:] >= m[:, :-1]).all())                          # padding first, then the real frames
+    assert (m[:, -1] == 1).all()                                     # the last frame at the last position
     assert (z[m == 0] == 0).all()                                    # padding stays exactly 0
     np.testing.assert_allclose(targets.sum(axis=1), 1.0, atol=1e-5)
     assert (targets.min() >= 0) and targets.max() < 1.0              # smoothed, and mixed
@@ -110,7 +111,7 @@ def test_without_augmentation_an_epoch_is_the_standardised_data_shuffled():
     off = ti.RecipeConfig(STRETCH=0, CROP=0, ROTATION_DEG=0, JITTER=0, NOISE=0, SENSOR_DROPOUT=0, MIXUP=0,
                           LABEL_SMOOTHING=0)
     data = ti.DeepFoldData(x, mask, y, FULL, off, seed=0)
-    z, m, targets = data.epoch(0)
+    z, m, targets = data.epoch(0)[:3]
     order = targets.argmax(axis=1)
     reference = ti.standardize_frames(x, mask, data.mean, data.std)
     rows = [np.flatnonzero([np.array_equal(z[i], r) for r in reference])[0] for i in range(len(y))]
@@ -139,6 +140,7 @@ def test_rotation_turns_every_imu_vector_and_the_quaternion_together():
         assert np.array_equal(turned[..., idx[name]], x[..., idx[name]])
     # Gravity derived from the turned quaternion is the turned gravity channel: the two stay consistent.
     real = mask > 0
+    assert (x[..., quat[0]][real] < 0).any() and (turned[..., quat[0]][real] >= 0).all()   # the data's sign, w >= 0
     derived = ti.quat_rotate(ti.quat_conj(turned[..., quat][real].astype(np.float64)), np.array([0.0, 0.0, 1.0]))
     np.testing.assert_allclose(derived, turned[..., grav][real], atol=1e-4)
 
@@ -156,14 +158,56 @@ def test_sensor_dropout_sets_the_group_missing_and_its_indicator():
 
 def test_stretch_and_crop_keep_the_end_of_the_gesture():
     x, mask, y = _batch("imu", n=10, pad=60)
-    x[..., 0] = np.arange(60)[None, :] * mask                         # frame index as a channel
+    x[..., 0] = (np.cumsum(mask, axis=1) - 1) * mask                  # the real frame's index as a channel
     recipe = ti.RecipeConfig(PROBABILITY=1.0, ROTATION_DEG=0, SENSOR_DROPOUT=0)
     out, out_mask = ti.augment_in_sensor_units(x, mask, ti.IMU_FRAME_FEATURES, recipe, np.random.default_rng(1))
+    assert not np.array_equal(out_mask, mask)
     for i in range(10):
         real = int(out_mask[i].sum())
-        assert real >= 2 and (out[i, real:] == 0).all()
-        assert out[i, real - 1, 0] == mask[i].sum() - 1              # the last frame is still the last frame
-        assert (np.diff(out[i, :real, 0]) >= 0).all()                 # time still runs forward
+        assert real >= 2 and (out[i, :60 - real] == 0).all() and (out_mask[i, 60 - real:] == 1).all()   # pad in front
+        assert out[i, -1, 0] == mask[i].sum() - 1                    # the last frame is still the last frame
+        assert (np.diff(out[i, 60 - real:, 0]) >= 0).all()           # time still runs forward
+
+
+def _labelled_batch(n=18, pad=60):
+    """A batch whose acc_x is each real frame's index, whose second half of frames is the gesture, whose labels
+    are the row numbers (each row recognisable after the shuffle) and whose orientation is known for most rows."""
+    x, mask, _ = _batch("imu", n=n, pad=pad)
+    index = np.cumsum(mask, axis=1) - 1
+    x[..., 0] = index * mask
+    phase = (index >= mask.sum(axis=1, keepdims=True) / 2).astype(np.float32) * mask
+    return x, mask, np.arange(n) % len(ti.GESTURES), np.arange(n) % 5 - 1, phase
+
+
+def test_phase_labels_move_with_their_frames_and_orientation_with_its_sequence():
+    x, mask, y, orientation, phase = _labelled_batch()
+    recipe = ti.RecipeConfig(PROBABILITY=1.0, ROTATION_DEG=0, SENSOR_DROPOUT=0, JITTER=0, NOISE=0, MIXUP=0)
+    data = ti.DeepFoldData(x, mask, y, ti.IMU_FRAME_FEATURES, recipe, 3, orientation, phase)
+    epoch = data.epoch(0)
+    assert not np.array_equal(np.sort(epoch.mask.sum(axis=1)), np.sort(mask.sum(axis=1)))   # crop/stretch ran
+    frame = np.rint(epoch.x[..., 0] * data.std[0] + data.mean[0])               # each frame's source index
+    for row in range(len(y)):
+        i = int(epoch.targets[row].argmax())                                    # the source sequence
+        real = epoch.mask[row] > 0
+        half = mask[i].sum() / 2
+        np.testing.assert_array_equal(epoch.phase[row, real], (frame[row, real] >= half).astype(np.float32))
+        assert (epoch.phase[row, ~real] == 0).all()
+        expected = np.zeros(4) if orientation[i] < 0 else np.eye(4)[orientation[i]]
+        np.testing.assert_array_equal(epoch.orientation[row], expected)
+    plain = ti.DeepFoldData(x, mask, y, ti.IMU_FRAME_FEATURES, recipe, 3).epoch(0)
+    assert plain.orientation is None and plain.phase is None
+    assert np.array_equal(plain.x, epoch.x) and np.array_equal(plain.mask, epoch.mask)   # no draws of their own
+
+
+def test_mixup_mixes_the_auxiliary_targets_as_the_gestures():
+    x, mask, y, orientation, phase = _labelled_batch()
+    recipe = ti.RecipeConfig(PROBABILITY=1.0, LABEL_SMOOTHING=0.0)
+    epoch = ti.DeepFoldData(x, mask, y, ti.IMU_FRAME_FEATURES, recipe, 5, orientation, phase).epoch(0)
+    mixed = epoch.targets.max(axis=1) < 1.0
+    assert mixed.any()
+    assert ((epoch.phase >= 0) & (epoch.phase <= 1)).all() and (epoch.phase[epoch.mask == 0] == 0).all()
+    assert (epoch.orientation.sum(axis=1) <= 1 + 1e-6).all()
+    assert (epoch.orientation[mixed].max(axis=1) < 1.0).any()                  # mixed rows carry two orientations
 
 
 def _inference_family(family):

@@ -47,6 +47,18 @@ def test_angular_velocity_and_distance_between_frames():
     assert np.allclose(feats["ang_dist"].to_numpy()[1:], step, atol=1e-5)
 
 
+def test_the_quaternion_sign_changes_no_frame_feature():
+    """q and -q are one rotation; the device reports rot_w >= 0, so x/y/z jump where w crosses 0. Frames with
+    either sign give the same features, with rot_w >= 0."""
+    quats = ti.quat_from_rotvec(np.random.default_rng(2).normal(0, 1.5, (30, 3)))
+    flipped = quats * np.where(np.arange(30) % 3 == 0, -1.0, 1.0)[:, None]
+    assert (quats[:, 0] < 0).any() and (flipped[:, 0] < 0).any()
+    base, other = (ti.build_frame_features(_frame(30, quats=q)) for q in (quats, flipped))
+    for name in ti.FRAME_FEATURES:
+        np.testing.assert_allclose(other[name].to_numpy(), base[name].to_numpy(), atol=1e-5, err_msg=name)
+    assert (base["rot_w"].to_numpy() >= 0).all()
+
+
 def test_tof_minus_one_is_missing_not_a_distance():
     n = 4
     tof = np.full((n, 320), -1.0)

@@ -221,12 +221,14 @@ def test_missing_values_stay_nan_until_a_model_consumes_them(train, built_store)
     assert np.isfinite(z).all() and (z[mask == 0] == 0).all()
 
 
-def test_padding_keeps_the_last_frames():
-    values = np.arange(10 * 2, dtype=np.float32).reshape(10, 2)
+def test_padding_keeps_the_last_frames_at_the_last_positions():
+    values = np.arange(10 * 2, dtype=np.float32).reshape(10, 2) + 1
     cut, mask = ti.pad_last_frames(values, 4)
     assert np.array_equal(cut, values[-4:]) and mask.tolist() == [1, 1, 1, 1]
-    padded, mask = ti.pad_last_frames(values[:3], 5)
-    assert np.array_equal(padded[:3], values[:3]) and not padded[3:].any() and mask.tolist() == [1, 1, 1, 0, 0]
+    padded, mask = ti.pad_last_frames(values[:3], 5)                # padding in front: [0, 0, 1, 2, 3]
+    assert np.array_equal(padded[2:], values[:3]) and not padded[:2].any() and mask.tolist() == [0, 0, 1, 1, 1]
+    empty, mask = ti.pad_last_frames(values[:0], 3)
+    assert not empty.any() and not mask.any()
 
 
 def test_padded_frames_for_a_list_of_sequences(train, built_store):

@@ -67,11 +67,73 @@ def test_mask_is_downsampled_exactly_like_the_conv_output(blocks):
         conv_len = model.get_layer("conv_features").output.shape[1]
         assert model.get_layer("downsampled_mask").output.shape[1] == conv_len, (blocks, pad_len)
     mask_model = keras.Model(model.inputs, model.get_layer("downsampled_mask").output)
-    mask = np.zeros((1, 200), np.float32)
-    mask[0, :40] = 1                           # 40 real frames: a step is real if any frame under it is
-    pooled = np.asarray(mask_model.predict_on_batch([np.zeros((1, 200, 6), np.float32), mask]))[0]
+    mask = np.zeros((3, 200), np.float32)
+    mask[0, -40:] = 1                          # 40 real frames after the padding: a step is real if any frame is
+    mask[1, -1:] = 1                           # one real frame, the newest: never cropped away
+    mask[2, -127:] = 1
+    pooled = np.asarray(mask_model.predict_on_batch([np.zeros((3, 200, 6), np.float32), mask]))
     real = -(-40 // 2 ** blocks)
-    assert pooled.tolist() == [1.0] * real + [0.0] * (len(pooled) - real)
+    assert pooled[0].tolist() == [0.0] * (len(pooled[0]) - real) + [1.0] * real
+    assert pooled[1, -1] == 1.0
+    np.testing.assert_array_equal(pooled, ti.pooled_phase_targets(mask, mask, blocks)[1])   # the phase targets' steps
+
+
+def test_the_phase_head_weights_the_keras_attention_toward_gesture_steps():
+    """KerasTemporalAttention with the phase logits as a third input adds their log-probability of Gesture to
+    each step's logit, as TimeSeriesNet.pool does."""
+    layer = ti.keras_layers().KerasTemporalAttention()
+    rng = np.random.default_rng(0)
+    h, mask, phase = (rng.normal(size=(2, 7, 5)).astype(np.float32), np.ones((2, 7), np.float32),
+                      rng.normal(0, 3, (2, 7)).astype(np.float32))
+    mask[1, :3] = 0
+    layer.build([h.shape, mask.shape, phase.shape])
+    layer.kernel.assign(np.zeros((5, 1), np.float32))           # the attention itself uniform
+    weights = np.exp(-np.logaddexp(0, -phase)) * mask            # sigmoid(phase) on the real steps
+    expected = (weights[..., None] * h).sum(axis=1) / weights.sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(np.asarray(layer([h, mask, phase])), expected, rtol=1e-5, atol=1e-6)
+    uniform = (mask[..., None] * h).sum(axis=1) / mask.sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(np.asarray(layer([h, mask])), uniform, rtol=1e-5, atol=1e-6)
+
+
+def test_sensor_branches_read_their_own_group_and_the_model_reloads(tmp_path):
+    channels = ti.deep_channels("full")
+    groups = dict(ti.sensor_branches(channels, len(channels)))
+    assert list(groups) == ["imu", "thm"] + [f"tof{k}" for k in range(1, 6)]
+    assert sorted(i for index in groups.values() for i in index) == list(range(len(channels)))   # each channel once
+    assert [channels[i] for i in groups["tof3"]] == [f"tof3_{s}" for s in ti.TOF_STATS] + ["tof3_missing"]
+    assert dict(ti.sensor_branches(ti.deep_channels("imu"), 21)) == {"imu": list(range(21))}
+    model = ti.build_keras_model(len(channels), 60, 3, hidden=8, width=8, branches=list(groups.items()), name="b")
+    x = np.random.default_rng(0).normal(size=(2, 60, len(channels))).astype(np.float32)
+    mask = np.ones((2, 60), np.float32)
+    thm = keras.Model(model.inputs, model.get_layer("thm_channels").output)
+    np.testing.assert_array_equal(np.asarray(thm.predict_on_batch([x, mask])), x[..., groups["thm"]])
+    wrapped = ti.keras_inference_model(model, np.zeros(len(channels)), np.ones(len(channels)), "b_fold0")
+    wrapped.save(tmp_path / "b.keras")
+    again = keras.saving.load_model(tmp_path / "b.keras", compile=False)
+    np.testing.assert_allclose(np.asarray(again.predict_on_batch([x, mask])),
+                               np.asarray(wrapped.predict_on_batch([x, mask])), atol=1e-6)
+
+
+def test_keras_auxiliary_heads_train_and_only_the_gestures_and_orientation_are_saved(tmp_path):
+    keras_cfg, runtime = _cpu_config(), ti.keras_runtime(ti.KerasSpeedConfig())
+    x, m, y = _fold_arrays(1, n=96)
+    phase = ((np.cumsum(m, axis=1) - 1) >= m.sum(axis=1, keepdims=True) / 2).astype(np.float32) * m
+    recipe = ti.RecipeConfig(ORIENTATION_WEIGHT=0.5, PHASE_WEIGHT=0.5)
+    data = ti.DeepFoldData(x, m, y, ti.IMU_FRAME_FEATURES, recipe, 0, y % 4, phase)
+    heads = ti.auxiliary_heads(data)
+    assert heads == {"orientations": 4, "phase_head": True}
+    trainer = ti.KerasFoldTrainer(len(ti.IMU_FRAME_FEATURES), x.shape[1], keras_cfg, runtime, "keras_a", recipe, heads)
+    assert trainer.model.output_names == ["probabilities", "orientation", "phase"]
+    result = trainer.fit_fold(data, x[:20], m[:20], y[:20], np.ones(20, bool), 1, 0, "a", "keras_a_fold0",
+                              tmp_path / "a.keras")
+    assert result["probs"].shape == (20, 18) and result["orientation"].shape == (20, 4)
+    np.testing.assert_allclose(result["orientation"].sum(axis=1), 1.0, atol=1e-5)
+    saved = keras.saving.load_model(tmp_path / "a.keras", compile=False)
+    assert tuple(saved.output.shape) == (None, 22)                # 18 gestures, then 4 orientations
+    family = ti.KerasFamily([saved], ti.IMU_FRAME_FEATURES)
+    inputs = ti.SequenceInputs(np.random.default_rng(5).normal(size=(50, len(ti.FRAME_FEATURES))).astype(np.float32), {})
+    gestures = family.predict(inputs)
+    assert gestures.shape == (18,) and inputs.orientation["keras"].shape == (4,)
 
 
 def test_mixed_precision_follows_the_device_unless_forced(monkeypatch):
@@ -208,7 +270,7 @@ def test_tensorflow_start_up_chatter_is_off_unless_the_user_set_the_level(tmp_pa
 def _fold_arrays(seed, n=160, pad=90, features=21):
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((n, pad, features)).astype(np.float32)
-    mask = (np.arange(pad)[None, :] < rng.integers(20, pad, n)[:, None]).astype(np.float32)
+    mask = (np.arange(pad)[None, :] >= pad - rng.integers(20, pad, n)[:, None]).astype(np.float32)   # pad in front
     return x * mask[..., None], mask, rng.integers(0, len(ti.GESTURES), n)
 
 

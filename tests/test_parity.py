@@ -33,7 +33,8 @@ def parity_cases(all_families_run, tiny_data):
         pl.any_horizontal(pl.col(c).is_null().all() for c in ti.THM_COLUMNS + ti.TOF_COLUMNS).alias("null_sensor"))
     table = oof.select("sequence_id", "fold").join(per_sequence, on="sequence_id")
     table = table.with_columns(pl.col("subject").is_in(list(left_handed)).alias("left"))
-    pad_len = 90                                               # DL_FIXED_PAD_LEN and KERAS_FIXED_PAD_LEN unset
+    pad_len = ti.DLConfig().FIXED_PAD_LEN                      # DL_FIXED_PAD_LEN and KERAS_FIXED_PAD_LEN unset
+    assert pad_len == ti.KerasConfig().FIXED_PAD_LEN
     wanted = {
         "left-handed, shorter than the pad": pl.col("left") & ~pl.col("null_sensor") & (pl.col("n") < pad_len),
         "left-handed, longer than the pad": pl.col("left") & (pl.col("n") > pad_len) & ~pl.col("imu_only"),
@@ -113,6 +114,47 @@ def test_parity_one_family_from_raw_rows(family, variant, single_family, parity_
     assert max(gaps.values()) < ATOL, gaps
 
 
+@pytest.mark.parametrize("variant", ti.VARIANTS)
+@pytest.mark.parametrize("family", ("torch", "keras"))
+def test_orientation_head_parity_from_raw_rows(family, variant, single_family, parity_cases):
+    """The orientation probabilities predict() keeps for the per-subject history equal the out-of-fold rows
+    training saved (the orientation head trains by default in both deep families)."""
+    predictor = single_family[family, variant]
+    columns = [f"{family}_{variant}__orientation__{o}" for o in ti.ORIENTATIONS]
+    checked = 0
+    for case in parity_cases["cases"]:
+        if variant == "full" and not case["has_thm_tof"]:
+            continue
+        sequence, demographics = predictor.admit(case["sequence"], case["demographics"])
+        served = predictor.predict_sequence(sequence, demographics).orientation
+        recorded = np.array([case["oof"][c][0] for c in columns], dtype=np.float64)
+        np.testing.assert_allclose(served, recorded, atol=ATOL, err_msg=case["what"])
+        checked += 1
+    assert checked >= 5
+
+
+def test_the_orientation_heads_accuracy_is_logged_and_saved_per_route(parity_cases):
+    """Out of fold, per deep family and route: in the manifest, summary.csv and the log, and equal to what the
+    saved out-of-fold orientation probabilities give against the truth."""
+    out, manifest = parity_cases["out"], parity_cases["manifest"]
+    summary = pl.read_csv(out / "summary.csv")
+    oof = pl.read_parquet(out / "oof_predictions.parquet")
+    log = (out / "train_log.txt").read_text()
+    truth = oof["orientation"].replace_strict(ti.ORIENTATION_TO_INDEX, return_dtype=pl.Int64).to_numpy()
+    for family in ("torch", "keras"):
+        for variant in ti.VARIANTS:
+            accuracy = manifest["families"][family][variant]["orientation_accuracy"]
+            probs = oof.select([f"{family}_{variant}__orientation__{o}" for o in ti.ORIENTATIONS]).to_numpy()
+            scored = np.isfinite(probs).all(axis=1)
+            assert scored.sum() >= 40
+            assert accuracy == pytest.approx(float((probs[scored].argmax(axis=1) == truth[scored]).mean()))
+            row = summary.filter((pl.col("family") == family) & (pl.col("route") == variant))
+            assert row["orientation_accuracy"][0] == pytest.approx(accuracy, abs=1e-4)
+            assert re.search(rf"{family.capitalize()} {variant:<4} \| orientation head: out-of-fold accuracy "
+                             rf"{accuracy:.4f}", log)
+    assert manifest["families"]["lgbm"]["full"]["orientation_accuracy"] is None
+
+
 def test_parity_blend_of_every_family(parity_cases, tmp_path_factory):
     """Fold k's models of all three families, both routes: predict_proba equals the out-of-fold blend with the
     manifest's weights, and predict() answers that blend's decision."""
@@ -144,14 +186,14 @@ ORIGINAL_PAD = ti.pad_last_frames
 ORIGINAL_CHANNELS = ti.deep_frame_channels
 
 
-def _pad_in_front(values, pad_len):
+def _pad_behind(values, pad_len):
     x, mask = ORIGINAL_PAD(values, pad_len)
     n = int(mask.sum())
-    return np.roll(x, pad_len - n, axis=0), np.roll(mask, pad_len - n)
+    return np.roll(x, n - pad_len, axis=0), np.roll(mask, n - pad_len)
 
 
 def _pad_shorter(values, pad_len):
-    return ORIGINAL_PAD(values[-(pad_len - 10):], pad_len)
+    return ORIGINAL_PAD(values[-(pad_len - 30):], pad_len)
 
 
 def _channel_list_without_lin_x(values, variant):
@@ -176,10 +218,10 @@ def a_channel_dropped(predictor, monkeypatch, parity_cases):
 
 
 def pad_on_the_other_side(predictor, monkeypatch, parity_cases):
-    monkeypatch.setattr(ti, "pad_last_frames", _pad_in_front)
+    monkeypatch.setattr(ti, "pad_last_frames", _pad_behind)
 
 
-def pad_10_frames_shorter(predictor, monkeypatch, parity_cases):
+def pad_30_frames_shorter(predictor, monkeypatch, parity_cases):
     monkeypatch.setattr(ti, "pad_last_frames", _pad_shorter)
 
 
@@ -213,7 +255,7 @@ def its_top_aggregate_dropped(predictor, monkeypatch, parity_cases):
     monkeypatch.setattr(ti.SequenceInputs, "aggregate_row", property(without_it))
 
 
-DEEP_BREAKAGES = (mirroring_off, a_channel_dropped, pad_on_the_other_side, pad_10_frames_shorter,
+DEEP_BREAKAGES = (mirroring_off, a_channel_dropped, pad_on_the_other_side, pad_30_frames_shorter,
                   statistics_of_the_other_fold)
 BREAKAGES = [(family, b) for family in ("torch", "keras") for b in DEEP_BREAKAGES] + [
     ("lgbm", mirroring_off), ("lgbm", its_top_aggregate_dropped)]
@@ -221,7 +263,7 @@ BREAKAGES = [(family, b) for family in ("torch", "keras") for b in DEEP_BREAKAGE
 # the pad's side sequences shorter than the pad only, its length sequences longer than it only.
 EXPOSED_BY = {mirroring_off: ("left-handed, shorter than the pad", "left-handed, longer than the pad"),
               pad_on_the_other_side: ("left-handed, shorter than the pad", "right-handed, shorter than the pad"),
-              pad_10_frames_shorter: ("left-handed, longer than the pad", "right-handed, longer than the pad")}
+              pad_30_frames_shorter: ("left-handed, longer than the pad", "right-handed, longer than the pad")}
 
 
 @pytest.mark.parametrize("family,breakage", BREAKAGES, ids=[f"{f}-{b.__name__}" for f, b in BREAKAGES])

@@ -12,9 +12,11 @@ from conftest import script_env
 
 @pytest.fixture(scope="module")
 def seeds_refit_run(tiny_data, tmp_path_factory):
-    """Every family, two folds, two seeds per deep model, the full-data refit on: 1 epoch, small trees."""
+    """Every family, two folds, two seeds per deep model, the full-data refit on: 1 epoch, small trees; the
+    orientation head on, so that its probabilities are averaged like the gestures'."""
     out = tmp_path_factory.mktemp("seeds_refit")
     with script_env(DL_EPOCHS="1", KERAS_EPOCHS="1", DL_BATCH_SIZE="64", KERAS_BATCH_SIZE="64", DL_SEEDS="2",
+                    AUX_ORIENTATION_WEIGHT="0.5",
                     KERAS_SEEDS="2", FULL_FIT="1", LGBM_N_ESTIMATORS="20", LGBM_ES_ROUNDS="5", ENSEMBLE_TRIALS="16"):
         result = ti.main(["--data-dir", str(tiny_data), "--output-dir", str(out), "--folds", "2"])
     return out, result, ti._get_predictor()                 # the run's own loaded models, as predict() used them
@@ -67,14 +69,16 @@ def test_predict_uses_fold_models_and_refits_half_and_half(seeds_refit_run, tiny
     for net, mean, std, pad_len in torch_family.models:
         x, mask = ti.pad_last_frames(inputs.channels("full"), pad_len)
         x = ti.standardize_frames(x[None], mask[None], mean, std)
-        members.append(ti.predict_torch_probs(net, x, mask[None], torch_family.runtime)[0])
+        members.append(ti.predict_torch_probs(net, x, mask[None], torch_family.runtime, with_orientation=True)[0])
     halves = 0.5 * np.mean(members[:4], axis=0) + 0.5 * np.mean(members[4:], axis=0)
-    np.testing.assert_allclose(looped, halves, atol=1e-6)
+    np.testing.assert_allclose(looped, halves[:18], atol=1e-6)
+    np.testing.assert_allclose(inputs.orientation["torch"], halves[18:], atol=1e-6)
     keras_family = families["keras"]
     x, mask = ti.pad_last_frames(inputs.channels("full"), keras_family.pad_len)
     each = [np.asarray(m.predict_on_batch([x[None], mask[None]]))[0] for m in keras_family.models]
-    np.testing.assert_allclose(keras_family.predict(inputs), 0.5 * np.mean(each[:4], axis=0) + 0.5 * np.mean(
-        each[4:], axis=0), atol=1e-5)
+    halves = 0.5 * np.mean(each[:4], axis=0) + 0.5 * np.mean(each[4:], axis=0)     # 18 gestures, 4 orientations
+    np.testing.assert_allclose(keras_family.predict(inputs), halves[:18], atol=1e-5)
+    np.testing.assert_allclose(inputs.orientation["keras"], halves[18:], atol=1e-5)
 
 
 def test_out_of_fold_rows_average_the_seeds(tiny_data):
@@ -108,3 +112,7 @@ def test_out_of_fold_rows_average_the_seeds(tiny_data):
     assert all(len(job.data.y) == sequences.height and len(job.y_valid) == 0 and job.epochs == 3 for job in refits)
     assert result.refit_paths == ["models/torch_imu_full", "models/torch_imu_full_seed1"]
     assert len({job.seed for job in jobs}) == len(jobs)     # no two models share a seed
+    torch_seeds = {job.seed for job in jobs}
+    jobs.clear()
+    ti.cross_validate_deep("keras", "imu", inputs, sequences, folds, ti.RecipeConfig(), 5, 90, 2, 3, True, fit_model, None)
+    assert not torch_seeds & {job.seed for job in jobs}     # Keras draws other initialisations and epochs than Torch

@@ -22,19 +22,94 @@ def test_mask_is_downsampled_exactly_like_the_signal(pools):
         assert net.downsample_mask(torch.ones(2, pad_len)).shape[1] == conv_len, (pools, pad_len)
 
 
-def test_pooling_in_eval_mode_is_max_pool1d():
+def test_pooling_drops_the_oldest_step_never_the_newest():
+    """The padding is in front, so the last step is the gesture's end: on an odd length the pooling drops the
+    first step (MaxPool1d alone drops the last). Eval mode (reshape + max, for vmap) and training agree."""
     pool = ti.build_time_series_net(5, pools=3, hidden=8).pools[0]
     for length in (29, 44, 90, 91):
         x = torch.randn(3, 6, length)
-        torch.testing.assert_close(pool.eval()(x), torch.nn.functional.max_pool1d(x, 2), rtol=0, atol=0)
-        torch.testing.assert_close(pool.train()(x), torch.nn.functional.max_pool1d(x, 2), rtol=0, atol=0)
+        expected = torch.nn.functional.max_pool1d(x[..., length % 2:], 2)
+        torch.testing.assert_close(pool.eval()(x), expected, rtol=0, atol=0)
+        torch.testing.assert_close(pool.train()(x), expected, rtol=0, atol=0)
+        x[..., -1] = 100.0                                  # the newest step always reaches the output
+        assert (pool.eval()(x)[..., -1] == 100.0).all()
 
 
-def test_mask_downsampling_keeps_real_steps():
+def test_mask_downsampling_keeps_real_steps_and_the_newest():
     net = ti.build_time_series_net(5, pools=3, hidden=8)
     mask = torch.zeros(1, 90)
-    mask[0, :20] = 1                                        # 20 real frames, then padding
-    assert net.downsample_mask(mask)[0].tolist() == [1.0] * 3 + [0.0] * 8   # 20 frames -> steps 0..2 of 11
+    mask[0, -20:] = 1                                       # padding, then 20 real frames (front padding)
+    assert net.downsample_mask(mask)[0].tolist() == [0.0] * 8 + [1.0] * 3   # 20 frames -> the last 3 of 11 steps
+    mask = torch.zeros(1, 90)
+    mask[0, -1:] = 1                                        # one real frame, the newest: still a real step
+    assert net.downsample_mask(mask)[0].tolist() == [0.0] * 10 + [1.0]
+
+
+@pytest.mark.parametrize("pools", [1, 2, 3, 4])
+def test_pooled_phase_targets_follow_the_nets_pooling(pools):
+    """The phase head learns at the pooled resolution: its targets' real steps are the net's pooled mask, and
+    each real step's target is the share of its real frames that are Gesture frames."""
+    net = ti.build_time_series_net(5, pools=pools, hidden=8).eval()
+    rng = np.random.default_rng(pools)
+    for pad_len in (29, 60, 90, 91, 120, 127):
+        lengths = rng.integers(1, pad_len + 1, 8)
+        mask = (np.arange(pad_len)[None, :] >= pad_len - lengths[:, None]).astype(np.float32)
+        share, real = ti.pooled_phase_targets(mask, mask, pools)               # every real frame a Gesture frame
+        np.testing.assert_array_equal(real, net.downsample_mask(torch.from_numpy(mask)).numpy())
+        assert (share[real > 0] == 1).all() and (share[real == 0] == 0).all()
+    # By hand, one stage: [pad, pad, T, G, G] -> the oldest step dropped -> pairs (pad, T), (G, G)
+    share, real = ti.pooled_phase_targets(np.array([[0, 0, 0, 1, 1]]), np.array([[0, 0, 1, 1, 1]]), 1)
+    assert share.tolist() == [[0.0, 1.0]] and real.tolist() == [[1.0, 1.0]]
+
+
+def test_the_phase_head_weights_the_attention_toward_gesture_steps():
+    """With the phase head, each step's attention logit gains the head's log-probability of Gesture."""
+    net = ti.build_time_series_net(4, pools=1, hidden=8, phase_head=True).eval()
+    with torch.no_grad():
+        net.attention.weight.zero_()                          # the attention itself uniform
+        net.attention.bias.zero_()
+    h, m = torch.randn(2, 7, 16), torch.ones(2, 7)
+    m[1, :3] = 0
+    pooled, phase = net.pool(h, m)
+    weights = torch.sigmoid(phase) * m                       # softmax(log sigmoid) over the real steps
+    expected = (weights.unsqueeze(-1) * h).sum(1) / weights.sum(1, keepdim=True)
+    torch.testing.assert_close(pooled[:, :16], expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(pooled[:, :16], (h * m.unsqueeze(-1)).sum(1) / m.sum(1, keepdim=True), atol=1e-3)
+
+
+def test_auxiliary_losses_add_with_their_weights():
+    """training_loss = gesture cross-entropy + w_o x orientation cross-entropy + w_p x the phase's binary
+    cross-entropy over the real pooled steps; an unknown orientation (a row of zeros) adds nothing."""
+    import torch.nn.functional as F
+    torch.manual_seed(0)
+    net = ti.build_time_series_net(4, pools=2, hidden=8, dropout=0.0, orientations=4, phase_head=True).eval()
+    x, mask = torch.randn(6, 40, 4), torch.ones(6, 40)
+    mask[2, :25] = 0
+    targets = torch.softmax(torch.randn(6, 18), 1)
+    orientation = F.one_hot(torch.tensor([0, 1, 2, 3, 0, 1]), 4).float()
+    orientation[5] = 0                                       # unknown
+    phase = (torch.arange(40) >= 20).float().expand(6, 40) * mask
+    share, real = (torch.from_numpy(a) for a in ti.pooled_phase_targets(phase.numpy(), mask.numpy(), 2))
+    logits, phase_logits = net.forward_with_phase(x, mask)
+    bce = F.binary_cross_entropy_with_logits(phase_logits, share, reduction="none")
+    expected = (F.cross_entropy(logits[:, :18], targets) + 0.3 * F.cross_entropy(logits[:, 18:], orientation)
+                + 0.7 * (bce * real).sum() / real.sum())
+    batch = (x, mask, targets, orientation, share, real)
+    torch.testing.assert_close(ti.training_loss(0.3, 0.7)(net, batch), expected)
+    torch.testing.assert_close(ti.training_loss(0.0, 0.0)(net, batch), ti.gesture_loss(net, batch))
+    torch.testing.assert_close(net(x, mask), logits)          # forward() = the same logits, phase aside
+
+
+@pytest.mark.parametrize("weights", [(0.0, 0.0), (0.5, 0.0), (0.0, 0.5), (0.5, 0.5)])
+def test_a_zero_weight_builds_no_head(weights):
+    x, m, y = _tiny_arrays(20)
+    data = ti.DeepFoldData(x, m, y, [f"c{i}" for i in range(5)],
+                           ti.RecipeConfig(ORIENTATION_WEIGHT=weights[0], PHASE_WEIGHT=weights[1]), 0, y % 4, m)
+    heads = ti.auxiliary_heads(data)
+    assert heads == {"orientations": 4 if weights[0] else 0, "phase_head": bool(weights[1])}
+    net = ti.build_time_series_net(5, pools=2, hidden=8, **heads)
+    assert (net.orientation is not None) == bool(weights[0]) and (net.phase is not None) == bool(weights[1])
+    assert net(torch.from_numpy(x[:3]), torch.from_numpy(m[:3])).shape == (3, 18 + heads["orientations"])
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
