@@ -283,7 +283,7 @@ class KerasConfig:
     EARLY_STOPPING_PATIENCE: int = field(default_factory=lambda: env_int("KERAS_ES_PATIENCE", 3, minimum=1))  # DEEP_SELECTION=inner only
     ES_MIN_DELTA: float = field(default_factory=lambda: env_float("KERAS_ES_MIN_DELTA", 1e-4, minimum=0.0))  # as TORCH_ES_MIN_DELTA
     CONV_BLOCKS: int = field(default_factory=lambda: env_int("KERAS_CONV_BLOCKS", 3, minimum=3))      # 3, or 4 as notes 2-1 allow
-    ARCHITECTURE: str = field(default_factory=lambda: env_choice("KERAS_ARCHITECTURE", "branches", ("branches", "stacked")))  # branches: a residual SE branch per sensor group, fused before the conv stages; stacked: one conv stack over every channel (Torch's view)
+    ARCHITECTURE: str = field(default_factory=lambda: env_choice("KERAS_ARCHITECTURE", "branches", ("branches", "stacked")))  # branches: a residual SE branch per sensor group, fused after the first pooling; stacked: one conv stack over every channel (Torch's view)
     CONV_WIDTH: int | None = field(default_factory=lambda: env_int("KERAS_CONV_WIDTH", None, minimum=4))  # first conv block's channels, later ones 2x; None: by device
     HIDDEN: int | None = field(default_factory=lambda: env_int("KERAS_HIDDEN", None, minimum=4))      # GRU units per direction; None: by device
     EPOCHS: int | None = field(default_factory=lambda: env_int("KERAS_EPOCHS", None, minimum=1))      # None: by device
@@ -3100,12 +3100,19 @@ def keras_layers() -> SimpleNamespace:
 
 def conv_block(x, filters: int, kernel: int, block: int):
     """Conv1D -> BatchNorm -> GELU -> MaxPool(2); returns the output and the layers that changed the time axis
-    (for the mask). On an odd length the OLDEST step is cropped first, never the newest (as HalvingMaxPool:
-    the padding is in front, the gesture's end at the last step)."""
+    (for the mask)."""
     import keras
     x = keras.layers.Conv1D(filters, kernel, padding="same", use_bias=False, name=f"conv{block}")(x)
     x = keras.layers.BatchNormalization(name=f"bn{block}")(x)
     x = keras.layers.Activation("gelu", name=f"gelu{block}")(x)
+    return halve_time(x, block)
+
+
+def halve_time(x, block: int):
+    """MaxPool(2) over time; on an odd length the OLDEST step is cropped first, never the newest (as
+    HalvingMaxPool: the padding is in front, the gesture's end at the last step). Returns the output and the
+    layers applied, for the mask."""
+    import keras
     timing = [keras.layers.Cropping1D((1, 0), name=f"crop{block}")] if x.shape[1] % 2 else []
     timing.append(keras.layers.MaxPooling1D(2, name=f"pool{block}"))
     for layer in timing:
@@ -3130,21 +3137,28 @@ def sensor_branches(channels: Sequence[str] | None, in_features: int) -> list[tu
 
 
 def residual_se_block(x, filters: int, kernel: int, name: str):
-    """Conv -> BN -> GELU -> Conv -> BN, squeeze-and-excitation (the channels re-weighted by a summary of the
-    whole sequence), plus the input (projected when its width differs), GELU: the branch block of the gold
-    solutions' sensor-group networks."""
+    """Conv -> BN -> ReLU -> Conv -> BN, squeeze-and-excitation (the channels re-weighted by a summary of the
+    whole sequence), plus the input (projected when its width differs), ReLU: the branch block of the gold
+    solutions' sensor-group networks. ReLU, not GELU: at full time resolution the exact GELU (erf) made a
+    branch epoch 1.5-2x as long on the CPU (a micro-benchmark of one block per group)."""
     import keras
     layers = keras.layers
     shortcut = x if x.shape[-1] == filters else layers.Conv1D(filters, 1, name=f"{name}_proj")(x)
     y = layers.Conv1D(filters, kernel, padding="same", use_bias=False, name=f"{name}_conv1")(x)
-    y = layers.Activation("gelu", name=f"{name}_gelu1")(layers.BatchNormalization(name=f"{name}_bn1")(y))
-    y = layers.Conv1D(filters, kernel, padding="same", use_bias=False, name=f"{name}_conv2")(y)
+    y = layers.Activation("relu", name=f"{name}_relu1")(layers.BatchNormalization(name=f"{name}_bn1")(y))
+    y = layers.Conv1D(filters, 3, padding="same", use_bias=False, name=f"{name}_conv2")(y)
     y = layers.BatchNormalization(name=f"{name}_bn2")(y)
     squeeze = layers.GlobalAveragePooling1D(name=f"{name}_squeeze")(y)
-    squeeze = layers.Dense(max(filters // 4, 4), activation="gelu", name=f"{name}_se1")(squeeze)
+    squeeze = layers.Dense(max(filters // 4, 4), activation="relu", name=f"{name}_se1")(squeeze)
     squeeze = layers.Dense(filters, activation="sigmoid", name=f"{name}_se2")(squeeze)
     y = layers.Multiply(name=f"{name}_excite")([y, layers.Reshape((1, filters), name=f"{name}_se_shape")(squeeze)])
-    return layers.Activation("gelu", name=f"{name}_out")(layers.Add(name=f"{name}_add")([shortcut, y]))
+    return layers.Activation("relu", name=f"{name}_out")(layers.Add(name=f"{name}_add")([shortcut, y]))
+
+
+def branch_width(group: str, width: int) -> int:
+    """A branch's channels: the IMU branch (or the one branch of unnamed channels) ``width``, each of the six
+    small groups (thm, a ToF sensor: 7-8 channels in) a quarter of it, at least 8."""
+    return width if group in ("imu", "all") else max(width // 4, 8)
 
 
 def build_keras_model(in_features: int, pad_len: int, conv_blocks: int, hidden: int = 128, dropout: float = 0.3,
@@ -3158,29 +3172,28 @@ def build_keras_model(in_features: int, pad_len: int, conv_blocks: int, hidden: 
     TimeSeriesNet: ``orientations`` > 0 adds an "orientation" softmax output on the pooled vector, ``phase_head``
     a per-step "phase" logit output whose log-probability of Gesture weights the attention up; outputs in the
     order probabilities, orientation, phase (those built). ``branches`` (sensor_branches): each sensor group
-    first reads its own channels through two residual SE blocks (the IMU ``width`` channels wide, the others
-    half), and the branches are concatenated before the conv stages (almost every gold solution; 1st place
-    calls the branches the key part). None: one conv stack reads every channel at once, as TimeSeriesNet."""
+    reads its own channels through a residual SE block (branch_width wide), and the branches, concatenated and
+    pooled, replace the first conv block: the groups meet in the second pooling stage (almost every gold
+    solution fuses late; 1st place calls the branches the key part). One block per branch and narrow small
+    groups: with two GELU blocks per branch at half width a full-sensor epoch cost ~3.5x a stacked one in the
+    CPU jobs (bench_score.py); this ~1.9x. None: one conv stack reads every channel at once, as TimeSeriesNet."""
     import keras
     if conv_blocks not in (3, 4):
         raise ConfigError(f"KERAS_CONV_BLOCKS={conv_blocks} must be 3 or 4")
     custom = keras_layers()
     frames = keras.Input((pad_len, in_features), name="frames")
     mask = keras.Input((pad_len,), name="mask")
-    x = frames
+    x, plan, timing = frames, conv_plan(width, conv_blocks), []
     if branches:
-        outputs = []
-        for group, index in branches:
-            b = custom.SelectChannels(index, name=f"{group}_channels")(frames)
-            filters = width if group in ("imu", "all") else max(width // 2, 4)
-            for k, kernel in enumerate((5, 3), start=1):
-                b = residual_se_block(b, filters, kernel, f"{group}_block{k}")
-            outputs.append(b)
+        outputs = [residual_se_block(custom.SelectChannels(index, name=f"{group}_channels")(frames),
+                                     branch_width(group, width), plan[0][1], f"{group}_block")
+                   for group, index in branches]
         x = outputs[0] if len(outputs) == 1 else keras.layers.Concatenate(name="branches")(outputs)
-    timing = []
-    for block, (filters, kernel) in enumerate(conv_plan(width, conv_blocks), start=1):
-        x, layers = conv_block(x, filters, kernel, block)
-        timing += layers
+        x, timing = halve_time(x, 1)            # the branches are the first pooling stage
+    for block, (filters, kernel) in enumerate(plan, start=1):
+        if block > 1 or not branches:
+            x, layers = conv_block(x, filters, kernel, block)
+            timing += layers
     x = keras.layers.Dropout(dropout, name="conv_features")(x)
     # The mask goes through the same crops and pools as the signal, one copy of each layer built (its
     # config, under the mask's name): never a separately typed count that can drift from the conv stack.
@@ -3978,9 +3991,10 @@ class SequenceInputs:
     def keep_orientation(self, family: str, outputs: np.ndarray) -> np.ndarray:
         """A deep family's output probabilities (18 gestures [+ 4 orientations]) -> the gestures; the
         orientation part, when there is one, is kept here for predict()'s per-subject history."""
-        if len(outputs) > len(GESTURES):
-            self.orientation[family] = outputs[len(GESTURES):]
-        return outputs[:len(GESTURES)]
+        probs, orientation = split_outputs(np.asarray(outputs)[None])
+        if orientation is not None:
+            self.orientation[family] = orientation[0]
+        return probs[0]
 
     @property
     def aggregate_row(self) -> np.ndarray:

@@ -60,10 +60,11 @@ def test_one_epoch_under_mixed_precision_has_no_nan():
     assert keras.mixed_precision.global_policy().name == "float32"         # the policy is restored
 
 
-@pytest.mark.parametrize("blocks", [3, 4])
-def test_mask_is_downsampled_exactly_like_the_conv_output(blocks):
+@pytest.mark.parametrize("blocks,branches", [(3, False), (4, False), (3, True)])
+def test_mask_is_downsampled_exactly_like_the_conv_output(blocks, branches):
+    groups = [("imu", [0, 1, 2, 3]), ("thm", [4, 5])] if branches else None
     for pad_len in (29, 45, 64, 90, 127, 200):
-        model = _small_model(pad_len=pad_len, blocks=blocks)
+        model = ti.build_keras_model(6, pad_len, blocks, hidden=8, name="t", branches=groups)
         conv_len = model.get_layer("conv_features").output.shape[1]
         assert model.get_layer("downsampled_mask").output.shape[1] == conv_len, (blocks, pad_len)
     mask_model = keras.Model(model.inputs, model.get_layer("downsampled_mask").output)
@@ -107,6 +108,15 @@ def test_sensor_branches_read_their_own_group_and_the_model_reloads(tmp_path):
     mask = np.ones((2, 60), np.float32)
     thm = keras.Model(model.inputs, model.get_layer("thm_channels").output)
     np.testing.assert_array_equal(np.asarray(thm.predict_on_batch([x, mask])), x[..., groups["thm"]])
+    branch_out = keras.Model(model.inputs, [model.get_layer(f"{g}_block_out").output for g in groups])
+    before = [np.asarray(o) for o in branch_out.predict_on_batch([x, mask])]
+    moved = x.copy()
+    moved[..., groups["tof2"]] += 3.0                        # only the tof2 branch may see this
+    after = [np.asarray(o) for o in branch_out.predict_on_batch([moved, mask])]
+    assert [not np.array_equal(b, a) for b, a in zip(before, after)] == [g == "tof2" for g in groups]
+    assert [o.shape[-1] for o in before] == [8] + [8] * 6     # width 8: the small groups at their floor of 8
+    assert model.get_layer("branches").output.shape[1] == 60 and model.get_layer("pool1").output.shape[1] == 30
+    assert "conv1" not in [layer.name for layer in model.layers]   # the branches are the first stage
     wrapped = ti.keras_inference_model(model, np.zeros(len(channels)), np.ones(len(channels)), "b_fold0")
     wrapped.save(tmp_path / "b.keras")
     again = keras.saving.load_model(tmp_path / "b.keras", compile=False)
