@@ -565,6 +565,23 @@ def _mirror_raw_inplace(frames: np.ndarray) -> None:
     tof[:] = tof[:, [0, 1, 4, 3, 2], :, ::-1].copy()
 
 
+def _turn_device_raw_inplace(frames: np.ndarray) -> None:
+    """What a device worn turned 180 degrees about its own z axis reports, from what it would report worn the
+    usual way, on raw sensor columns (DATA.md, two real training subjects): acc_x and acc_y negated, the
+    orientation composed with the turn, (w, x, y, z) -> (-z, y, -x, w), with rot_w kept >= 0 as the device
+    reports it; thermopiles and ToF sensors 2 <-> 4 and 3 <-> 5; each ToF grid turned 180 degrees. It is its
+    own inverse (two turns are none; q and -q are one rotation)."""
+    idx = {c: i for i, c in enumerate(SENSOR_COLUMNS)}
+    frames[:, [idx["acc_x"], idx["acc_y"]]] *= -1
+    w, x, y, z = (frames[:, idx[c]].copy() for c in QUATERNION)
+    turned = np.stack([-z, y, -x, w], axis=1)
+    frames[:, [idx[c] for c in QUATERNION]] = turned * np.where(turned[:, :1] < 0, -1.0, 1.0)
+    thm = [idx[f"thm_{k}"] for k in (1, 4, 5, 2, 3)]
+    frames[:, [idx[f"thm_{k}"] for k in range(1, 6)]] = frames[:, thm]
+    tof = frames[:, idx["tof_1_v0"]:].reshape(len(frames), 5, 8, 8)
+    tof[:] = tof[:, [0, 3, 4, 1, 2], ::-1, ::-1].copy()
+
+
 def _synthetic_demographics(rng: np.random.Generator, subjects: list[str]) -> pl.DataFrame:
     n = len(subjects)
     adult = (rng.random(n) < 0.52).astype(np.int64)

@@ -83,9 +83,10 @@ PIXEL_RAYS /= np.linalg.norm(PIXEL_RAYS, axis=1, keepdims=True)
 MIRROR = np.diag([-1.0, 1.0, 1.0])          # a vertical plane: gravity (world +z is up) is its own mirror image
 
 
-def _render(position, rotation, skin, radius=6.0):
+def _render(position, rotation, skin, radius=6.0, layout=SENSOR_AT):
     """Raw sensor rows (n x 332) of a device at ``position`` (n x 3, cm) turned by ``rotation`` (n x 3 x 3, device
-    to world), with a skin sphere centred at ``skin`` (n x 3). Specific force = acceleration + gravity."""
+    to world), with a skin sphere centred at ``skin`` (n x 3) and its sensors at ``layout`` (device frame, cm).
+    Specific force = acceleration + gravity."""
     from scipy.spatial.transform import Rotation
     n = len(position)
     acceleration = np.gradient(np.gradient(position, axis=0), axis=0) / 100.0          # cm/frame^2 -> m/s^2-ish
@@ -94,7 +95,7 @@ def _render(position, rotation, skin, radius=6.0):
     xyzw = Rotation.from_matrix(rotation).as_quat()
     quat = np.concatenate([xyzw[:, 3:], xyzw[:, :3]], axis=1)
     quat *= np.where(quat[:, :1] < 0, -1.0, 1.0)                                     # rot_w >= 0, as in the data
-    sensors = position[:, None, :] + np.einsum("nij,kj->nki", rotation, SENSOR_AT)    # (n, 5, 3) in the world
+    sensors = position[:, None, :] + np.einsum("nij,kj->nki", rotation, layout)       # (n, 5, 3) in the world
     to_skin = skin[:, None, :] - sensors
     thm = 25.0 + 40.0 / (1.0 + (np.linalg.norm(to_skin, axis=2) / 5.0) ** 2)
     rays = np.einsum("nij,pj->npi", rotation, PIXEL_RAYS)                              # (n, 64, 3)
@@ -105,16 +106,22 @@ def _render(position, rotation, skin, radius=6.0):
     return np.concatenate([acc, quat, thm, tof.reshape(n, 320)], axis=1)
 
 
-def _gesture_on_a_wrist(mirrored):
-    """One right-hand gesture, or the same gesture done by the left hand: the whole scene reflected in MIRROR,
-    with the device (a real, right-handed object) worn on the left wrist as the mirror image of its right-wrist
-    pose with its x axis reversed (device to world: MIRROR @ R @ MIRROR)."""
+def _gesture_pose():
+    """(position, rotation device -> world, skin centre) of one 60-frame gesture."""
     from scipy.spatial.transform import Rotation
     t = np.arange(60, dtype=float)
     rotation = Rotation.from_rotvec(np.stack([0.9 + 0.2 * np.sin(0.3 * t), -0.5 + 0.1 * t / 60,
                                               0.4 * np.cos(0.2 * t)], axis=1)).as_matrix()
     position = np.stack([10 + 0.5 * t, 3 * np.sin(0.25 * t), 20 + 0.1 * t ** 1.5], axis=1)
     skin = position + np.einsum("nij,j->ni", rotation, [4.0, 3.0, 14.0]) + np.stack([np.sin(0.1 * t)] * 3, axis=1)
+    return position, rotation, skin
+
+
+def _gesture_on_a_wrist(mirrored):
+    """One right-hand gesture, or the same gesture done by the left hand: the whole scene reflected in MIRROR,
+    with the device (a real, right-handed object) worn on the left wrist as the mirror image of its right-wrist
+    pose with its x axis reversed (device to world: MIRROR @ R @ MIRROR)."""
+    position, rotation, skin = _gesture_pose()
     if mirrored:
         position, skin = position @ MIRROR, skin @ MIRROR
         rotation = MIRROR @ rotation @ MIRROR
@@ -136,6 +143,31 @@ def test_a_gesture_on_the_left_wrist_mirrors_to_the_same_gesture_on_the_right():
     differ = [name for name in ti.FRAME_FEATURES if not np.allclose(unmirrored[name].to_numpy(), a[name].to_numpy(),
                                                                     atol=1e-3, equal_nan=True)]
     assert {"acc_x", "rot_y", "rot_z", "thm_3", "thm_5", "tof3_mean", "tof5_mean", "tof1_cx"} <= set(differ)
+
+
+# The real device's layout as its 180-degree map implies (DATA.md: 2 <-> 4, 3 <-> 5): sensor 1 in the middle, 2
+# and 4 opposite along y, 3 and 5 opposite along x.
+TURN_LAYOUT = np.array([[0, 0, 0], [0, 1.5, 0], [1.5, 0, 0], [0, -1.5, 0], [-1.5, 0, 0]], dtype=float)
+TURN = np.diag([-1.0, -1.0, 1.0])           # 180 degrees about the device's z axis
+
+
+def test_a_device_worn_turned_reads_as_worn_the_usual_way_once_turned_back():
+    """The same gesture rendered with the device worn the usual way and turned 180 degrees about its z axis (its
+    pose device -> world R @ TURN): turning the raw rows back gives what the usual wearing reports, every
+    accelerometer, quaternion, thermopile and ToF value."""
+    position, rotation, skin = _gesture_pose()
+    usual = _render(position, rotation, skin, layout=TURN_LAYOUT)
+    turned = _render(position, rotation @ TURN, skin, layout=TURN_LAYOUT)
+    assert not np.allclose(turned, usual)
+    tof = usual[:, -320:]
+    assert 0.2 < (tof == -1).mean() < 0.8 and not np.allclose(tof, turned[:, -320:])
+    back = turned.copy()
+    ti._turn_device_raw_inplace(back)
+    np.testing.assert_allclose(back, usual, atol=1e-9)
+    assert (back[:, 3] >= 0).all()                                   # rot_w >= 0, as the device reports it
+    again = back.copy()
+    ti._turn_device_raw_inplace(again)
+    np.testing.assert_allclose(again, turned, atol=1e-12)           # its own inverse
 
 
 def test_table_gives_the_same_frames_as_each_sequence_alone():
