@@ -94,6 +94,7 @@ IMU_COLUMNS = ["acc_x", "acc_y", "acc_z", "rot_w", "rot_x", "rot_y", "rot_z"]
 THM_COLUMNS = [f"thm_{k}" for k in range(1, 6)]
 TOF_COLUMNS = [f"tof_{k}_v{p}" for k in range(1, 6) for p in range(64)]
 SENSOR_COLUMNS = IMU_COLUMNS + THM_COLUMNS + TOF_COLUMNS
+SENSOR_INDEX = {c: i for i, c in enumerate(SENSOR_COLUMNS)}   # raw column -> position in sensor_matrix
 LABEL_COLUMNS = ["sequence_type", "orientation", "behavior", "phase", "gesture"]
 TRAIN_COLUMNS = (["row_id", "sequence_type", "sequence_id", "sequence_counter", "subject", "orientation",
                   "behavior", "phase", "gesture"] + SENSOR_COLUMNS)
@@ -358,6 +359,12 @@ def quat_mul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
                      aw * bz + ax * by - ay * bx + az * bw], axis=-1)
 
 
+def canonical_quaternion(q: np.ndarray) -> np.ndarray:
+    """q (..., 4, w first) with the data's sign: q and -q are one rotation, and the device reports rot_w >= 0
+    (DATA.md), so x/y/z jump where w would cross 0. No input the nets see carries the other sign."""
+    return q * np.where(q[..., :1] < 0, -1, 1).astype(q.dtype)
+
+
 def quat_conj(q: np.ndarray) -> np.ndarray:
     return q * np.array([1.0, -1.0, -1.0, -1.0], dtype=q.dtype)
 
@@ -545,7 +552,7 @@ def _synthesize_sequence(rng: np.random.Generator, gesture: str, orientation: st
         ok = visible & (values >= 0) & (values <= 254)
         tof[:, k, :] = np.where(ok, np.round(values), -1.0)
 
-    quat = quat * np.where(quat[:, :1] < 0, -1.0, 1.0)   # the device reports rot_w >= 0 (DATA.md): x/y/z jump there
+    quat = canonical_quaternion(quat)                     # the device reports rot_w >= 0 (DATA.md): x/y/z jump there
     frames = np.concatenate([acc, quat, thm, tof.reshape(n, 320)], axis=1)
     phase = ["Transition"] * g0 + ["Gesture"] * n_gesture
     move_behavior = MOVE_BEHAVIORS[int(rng.integers(2))]
@@ -555,7 +562,7 @@ def _synthesize_sequence(rng: np.random.Generator, gesture: str, orientation: st
 
 def _mirror_raw_inplace(frames: np.ndarray) -> None:
     """The left-hand <-> right-hand map of DATA.md on raw sensor columns; it is its own inverse."""
-    idx = {c: i for i, c in enumerate(SENSOR_COLUMNS)}
+    idx = SENSOR_INDEX
     frames[:, idx["acc_x"]] *= -1
     frames[:, idx["rot_y"]] *= -1
     frames[:, idx["rot_z"]] *= -1
@@ -571,11 +578,11 @@ def _turn_device_raw_inplace(frames: np.ndarray) -> None:
     orientation composed with the turn, (w, x, y, z) -> (-z, y, -x, w), with rot_w kept >= 0 as the device
     reports it; thermopiles and ToF sensors 2 <-> 4 and 3 <-> 5; each ToF grid turned 180 degrees. It is its
     own inverse (two turns are none; q and -q are one rotation)."""
-    idx = {c: i for i, c in enumerate(SENSOR_COLUMNS)}
+    idx = SENSOR_INDEX
     frames[:, [idx["acc_x"], idx["acc_y"]]] *= -1
     w, x, y, z = (frames[:, idx[c]].copy() for c in QUATERNION)
     turned = np.stack([-z, y, -x, w], axis=1)
-    frames[:, [idx[c] for c in QUATERNION]] = turned * np.where(turned[:, :1] < 0, -1.0, 1.0)
+    frames[:, [idx[c] for c in QUATERNION]] = canonical_quaternion(turned)
     thm = [idx[f"thm_{k}"] for k in (1, 4, 5, 2, 3)]
     frames[:, [idx[f"thm_{k}"] for k in range(1, 6)]] = frames[:, thm]
     tof = frames[:, idx["tof_1_v0"]:].reshape(len(frames), 5, 8, 8)
@@ -611,7 +618,7 @@ def _synthesize_split(rng: np.random.Generator, subjects: list[str], seq_ids: li
                 plan.append((subject, gesture, ORIENTATIONS[(r + int(rng.integers(4))) % 4], traits))
     order = rng.permutation(len(plan))
     blocks, labels = [], []
-    idx = {c: i for i, c in enumerate(SENSOR_COLUMNS)}
+    idx = SENSOR_INDEX
     thm_tof = [idx[c] for c in THM_COLUMNS + TOF_COLUMNS]
     sensor5 = [idx["thm_5"]] + [idx[f"tof_5_v{p}"] for p in range(64)]
     for seq_number, plan_index in zip(sorted(seq_ids[: len(plan)]), order):
@@ -1010,7 +1017,7 @@ def frame_feature_matrix(raw: np.ndarray, starts: np.ndarray, left_handed: np.nd
     quat = raw[:, 3:7].astype(np.float64)
     norm = np.linalg.norm(quat, axis=1, keepdims=True)
     quat = np.divide(quat, norm, out=np.full_like(quat, np.nan), where=norm > 1e-6)
-    quat *= np.where(quat[:, :1] < 0, -1.0, 1.0)          # q and -q are one rotation: the data's sign, rot_w >= 0
+    quat = canonical_quaternion(quat)
     feats: dict[str, np.ndarray] = {}
     feats["acc_x"], feats["acc_y"], feats["acc_z"] = acc.T
     feats["acc_mag"] = np.linalg.norm(acc, axis=1)
@@ -1750,7 +1757,7 @@ def augment_in_sensor_units(x: np.ndarray, mask: np.ndarray, channels: Sequence[
             # q and -q are one rotation; the data keeps rot_w >= 0 (DATA.md), so the turned quaternion does too:
             # no training input carries a sign the sensor never reports.
             turned = quat_mul(x[chosen][:, :, index], quat_conj(r))
-            turned *= np.where(turned[..., :1] < 0, -1.0, 1.0).astype(turned.dtype)
+            turned = canonical_quaternion(turned)
             x[chosen[:, None], :, index] = turned.transpose(0, 2, 1)
     if recipe.SENSOR_DROPOUT > 0:
         for names, indicator in SENSOR_GROUPS.values():
@@ -2531,11 +2538,11 @@ def describe_heads(recipe: RecipeConfig) -> str:
     return ", ".join(heads) if heads else "no auxiliary head"
 
 
-def auxiliary_heads(data: DeepFoldData) -> dict[str, Any]:
-    """Which auxiliary heads a net trains on this fold's data: an orientation head when its loss weight is on
-    and the rows have orientation labels, a phase head likewise (build_time_series_net's keywords)."""
-    return {"orientations": len(ORIENTATIONS) if data.recipe.ORIENTATION_WEIGHT > 0 and data.orientation is not None
-            else 0, "phase_head": bool(data.recipe.PHASE_WEIGHT > 0 and data.phase is not None)}
+def auxiliary_heads(recipe: RecipeConfig, has_orientation: bool, has_phase: bool) -> dict[str, Any]:
+    """Which auxiliary heads a net trains (build_time_series_net's and build_keras_model's keywords): an
+    orientation head when its loss weight is on and the rows have orientation labels, a phase head likewise."""
+    return {"orientations": len(ORIENTATIONS) if recipe.ORIENTATION_WEIGHT > 0 and has_orientation else 0,
+            "phase_head": bool(recipe.PHASE_WEIGHT > 0 and has_phase)}
 
 
 def epoch_arrays(epoch: Epoch, heads: dict[str, Any], pools: int) -> list[np.ndarray]:
@@ -2573,7 +2580,7 @@ def train_torch_fold(data: DeepFoldData, x_valid: np.ndarray, m_valid: np.ndarra
     torch.manual_seed(seed)
     device = runtime.device
     x_valid = data.standardize(x_valid, m_valid)
-    heads = auxiliary_heads(data)
+    heads = auxiliary_heads(data.recipe, data.orientation is not None, data.phase is not None)
     model = build_time_series_net(data.x.shape[2], pools=dl_cfg.POOLS, hidden=dl_cfg.HIDDEN, dropout=dl_cfg.DROPOUT,
                                   width=dl_cfg.CONV_WIDTH, **heads).to(device)
     loss_fn = (training_loss(data.recipe.ORIENTATION_WEIGHT, data.recipe.PHASE_WEIGHT)
@@ -2686,7 +2693,8 @@ def train_torch(inputs: DeepInputs, sequences: pl.DataFrame, folds: np.ndarray, 
                       "std": torch.from_numpy(job.data.std), "pad_len": pad_len, "channels": channels,
                       "in_features": len(channels), "pools": dl_cfg.POOLS, "hidden": dl_cfg.HIDDEN,
                       "conv_width": dl_cfg.CONV_WIDTH, "dropout": dl_cfg.DROPOUT, "kept_epoch": result["epoch"],
-                      "selection": recipe.SELECTION, "classes": list(GESTURES), **auxiliary_heads(job.data)}
+                      "selection": recipe.SELECTION, "classes": list(GESTURES),
+                      **auxiliary_heads(job.data.recipe, job.data.orientation is not None, job.data.phase is not None)}
         _atomic_write(model_dir / relative, lambda tmp: torch.save(checkpoint, tmp))
         return result | {"path": relative}
 
@@ -3401,8 +3409,7 @@ def train_keras(inputs: DeepInputs, sequences: pl.DataFrame, folds: np.ndarray, 
     LOG.info(log_table_row(EPOCH_LOG_HEADER, EPOCH_LOG_WIDTHS))
     models_dir = model_dir / "models"
     models_dir.mkdir(parents=True, exist_ok=True)
-    heads = {"orientations": len(ORIENTATIONS) if recipe.ORIENTATION_WEIGHT > 0 else 0,
-             "phase_head": bool(recipe.PHASE_WEIGHT > 0 and inputs.gesture_frames is not None)}
+    heads = auxiliary_heads(recipe, True, inputs.gesture_frames is not None)   # the run gives every row's orientation
     with keras_precision(runtime.mixed_precision):
         trainer = KerasFoldTrainer(len(channels), pad_len, keras_cfg, runtime, name=f"keras_{variant}", recipe=recipe,
                                    heads=heads, channels=channels)

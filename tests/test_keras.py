@@ -130,7 +130,7 @@ def test_keras_auxiliary_heads_train_and_only_the_gestures_and_orientation_are_s
     phase = ((np.cumsum(m, axis=1) - 1) >= m.sum(axis=1, keepdims=True) / 2).astype(np.float32) * m
     recipe = ti.RecipeConfig(ORIENTATION_WEIGHT=0.5, PHASE_WEIGHT=0.5)
     data = ti.DeepFoldData(x, m, y, ti.IMU_FRAME_FEATURES, recipe, 0, y % 4, phase)
-    heads = ti.auxiliary_heads(data)
+    heads = ti.auxiliary_heads(data.recipe, data.orientation is not None, data.phase is not None)
     assert heads == {"orientations": 4, "phase_head": True}
     trainer = ti.KerasFoldTrainer(len(ti.IMU_FRAME_FEATURES), x.shape[1], keras_cfg, runtime, "keras_a", recipe, heads)
     assert trainer.model.output_names == ["probabilities", "orientation", "phase"]

@@ -105,7 +105,7 @@ def test_a_zero_weight_builds_no_head(weights):
     x, m, y = _tiny_arrays(20)
     data = ti.DeepFoldData(x, m, y, [f"c{i}" for i in range(5)],
                            ti.RecipeConfig(ORIENTATION_WEIGHT=weights[0], PHASE_WEIGHT=weights[1]), 0, y % 4, m)
-    heads = ti.auxiliary_heads(data)
+    heads = ti.auxiliary_heads(data.recipe, data.orientation is not None, data.phase is not None)
     assert heads == {"orientations": 4 if weights[0] else 0, "phase_head": bool(weights[1])}
     net = ti.build_time_series_net(5, pools=2, hidden=8, **heads)
     assert (net.orientation is not None) == bool(weights[0]) and (net.phase is not None) == bool(weights[1])
