@@ -82,6 +82,7 @@ NON_TARGET_GESTURES = (
 )
 GESTURES = TARGET_GESTURES + NON_TARGET_GESTURES          # class index = position in this tuple
 DECODINGS = ("argmax", "nine_way")                       # how probabilities become a gesture (decide_gestures)
+ASSIGNMENTS = ("auto", "joint", "pooled")               # the per-subject assignment's capacities (SubjectAssigner)
 GESTURE_TO_INDEX = {g: i for i, g in enumerate(GESTURES)}
 # The seed's fail-safe answer: the most frequent non-target gesture, so a failure costs as little BinF1 as possible.
 DEFAULT_GESTURE = "Text on phone"
@@ -247,6 +248,13 @@ class EnsembleConfig:
     TRIALS: int = field(default_factory=lambda: env_int("ENSEMBLE_TRIALS", 1024, minimum=1))        # weight-search trials; the notes (6-6) found 4096 too slow
     PER_SUBJECT: bool | None = field(default_factory=lambda: env_bool("ENSEMBLE_PER_SUBJECT", None))  # per-subject assignment; None = on if its replayed gain clears the noise
     DECODING: str = field(default_factory=lambda: env_choice("ENSEMBLE_DECODING", "argmax", ("auto",) + DECODINGS))  # argmax (measured better out of fold) | nine_way | auto = the better in this run
+    ASSIGNMENT: str = field(default_factory=lambda: env_choice("ENSEMBLE_ASSIGNMENT", "auto", ASSIGNMENTS))  # joint = per (orientation, gesture) | pooled = per gesture | auto = the better out of fold
+
+
+@dataclass
+class TurnConfig:
+    """Devices worn turned 180 degrees about z (two real training subjects): found and turned back."""
+    DETECT: bool = field(default_factory=lambda: env_bool("TURNED_DEVICES", True))  # 1 = detect in training and predict(), 0 = never turn
 
 
 @dataclass
@@ -336,11 +344,12 @@ class Settings:
     keras: KerasConfig
     keras_speed: KerasSpeedConfig
     recipe: RecipeConfig
+    turn: TurnConfig
 
     @classmethod
     def from_env(cls) -> "Settings":
         return cls(Config(), LGBMConfig(), EnsembleConfig(), FrameCacheConfig(), DLConfig(), KerasConfig(),
-                   KerasSpeedConfig(), RecipeConfig())
+                   KerasSpeedConfig(), RecipeConfig(), TurnConfig())
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: dataclasses.asdict(getattr(self, f.name)) for f in dataclasses.fields(self)}
@@ -444,7 +453,8 @@ GESTURE_REPEATS = {g: 8 for g in TARGET_GESTURES} | {g: 2 for g in NON_TARGET_GE
 ORIENTATION_ROTVEC_DEG = {"Seated Straight": (0, 0, 0), "Seated Lean Non Dom - FACE DOWN": (35, 0, 0),
                           "Lie on Back": (0, -90, 0), "Lie on Side - Non Dominant": (90, 0, 0)}
 SYNTHETIC_SIZES = {"demo": (16, 4), "full": (81, 10)}  # (train subjects, test subjects)
-SYNTHETIC_VERSION = "synthetic-v4"  # bump when the generator changes: cached sets are then rebuilt
+SYNTHETIC_VERSION = "synthetic-v5"  # bump when the generator changes: cached sets are then rebuilt
+TURNED_DEVICE_RATE = 2 / 81   # real training subjects who wore the device turned 180 degrees about z (DATA.md)
 SYNTHETIC_WARNING = ("SYNTHETIC DATA: no competition files were found (or --synthetic was given). Scores in this run "
                      "are on generated data and are NOT competition scores.")
 
@@ -605,17 +615,20 @@ def _synthetic_demographics(rng: np.random.Generator, subjects: list[str]) -> pl
 
 
 def _synthesize_split(rng: np.random.Generator, subjects: list[str], seq_ids: list[int], demographics: pl.DataFrame,
-                      imu_only_share: float, null_rates: bool) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Rows for some subjects (train format, labels included) and per-sequence labels."""
+                      imu_only_share: float, null_rates: bool, turned: set[str]) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Rows for some subjects (train format, labels included) and per-sequence labels. The protocol: each
+    repetition of a gesture in the next of the 4 orientations, from a random first one (a target gesture's 8
+    repetitions: each orientation twice, DATA.md). Subjects in ``turned`` wear the device turned 180 degrees."""
     handed = dict(zip(demographics["subject"].to_list(), demographics["handedness"].to_list()))
     plan = []
     for subject in subjects:
         traits = _subject_traits(rng)
         for gesture, repeats in GESTURE_REPEATS.items():
+            first = int(rng.integers(4))
             for r in range(repeats):
                 if rng.random() < 0.013:                  # a few sessions are missing (8,151 of 8,262 in train)
                     continue
-                plan.append((subject, gesture, ORIENTATIONS[(r + int(rng.integers(4))) % 4], traits))
+                plan.append((subject, gesture, ORIENTATIONS[(first + r) % 4], traits))
     order = rng.permutation(len(plan))
     blocks, labels = [], []
     idx = SENSOR_INDEX
@@ -626,6 +639,8 @@ def _synthesize_split(rng: np.random.Generator, subjects: list[str], seq_ids: li
         frames, phase, behavior = _synthesize_sequence(rng, gesture, orientation, traits)
         if handed[subject] == 0:
             _mirror_raw_inplace(frames)
+        if subject in turned:
+            _turn_device_raw_inplace(frames)
         u = rng.random()
         if u < imu_only_share:
             frames[:, thm_tof] = np.nan
@@ -640,7 +655,7 @@ def _synthesize_split(rng: np.random.Generator, subjects: list[str], seq_ids: li
             frames[:, 3:7] = np.nan
         seq_id = f"SEQ_{seq_number:06d}"
         blocks.append((seq_id, subject, gesture, orientation, phase, behavior, frames))
-        labels.append((seq_id, subject, gesture, orientation, u < imu_only_share))
+        labels.append((seq_id, subject, gesture, orientation, u < imu_only_share, subject in turned))
     sensors = np.concatenate([b[6] for b in blocks])
     sensors[:, 0:3] = np.round(sensors[:, 0:3] * 256) / 256             # the device's resolution (real files)
     sensors[:, 3:7] = np.round(sensors[:, 3:7] * 32768) / 32768
@@ -664,8 +679,8 @@ def _synthesize_split(rng: np.random.Generator, subjects: list[str], seq_ids: li
         "phase": [x for b in blocks for x in b[4]],
         "gesture": gesture_col,
     }).hstack(pl.from_numpy(sensors, schema=SENSOR_COLUMNS).fill_nan(None))   # missing = empty CSV cell
-    label_table = pl.DataFrame(labels, schema=["sequence_id", "subject", "gesture", "orientation", "imu_only"],
-                               orient="row")
+    label_table = pl.DataFrame(labels, schema=["sequence_id", "subject", "gesture", "orientation", "imu_only",
+                                               "device_turned"], orient="row")
     return table, label_table
 
 
@@ -691,15 +706,19 @@ def generate_synthetic_competition_data(out_dir: str | Path, n_train_subjects: i
                                         seed: int = 42) -> Path:
     """Write train/test CSVs and demographics in the exact competition format; deterministic given seed.
 
-    A folder already holding the same version, sizes and seed is reused (its manifest is written last).
+    Each subject wears the device turned 180 degrees about z with the real training rate (TURNED_DEVICE_RATE),
+    drawn from a stream of its own; the manifest lists who (``turned_subjects``), test_labels.csv marks their
+    sequences (``device_turned``). A folder already holding the same version, sizes and seed is reused (its
+    manifest is written last).
     """
     out_dir = Path(out_dir)
-    manifest = {"version": SYNTHETIC_VERSION, "train_subjects": n_train_subjects,
-                "test_subjects": n_test_subjects, "seed": seed}
+    request = {"version": SYNTHETIC_VERSION, "train_subjects": n_train_subjects,
+               "test_subjects": n_test_subjects, "seed": seed}
     manifest_path = out_dir / "synthetic_manifest.json"
     if manifest_path.exists() and all((out_dir / f).exists() for f in DATA_FILES):
         try:
-            if json.loads(manifest_path.read_text()) == manifest:
+            saved = json.loads(manifest_path.read_text())
+            if {k: saved.get(k) for k in request} == request:
                 return out_dir
         except (OSError, json.JSONDecodeError):
             pass                                            # unreadable manifest: regenerate below
@@ -714,14 +733,18 @@ def generate_synthetic_competition_data(out_dir: str | Path, n_train_subjects: i
     seq_numbers = [int(x) for x in rng.choice(max(70_000, 2 * max_sequences), size=max_sequences, replace=False)]
     train_subjects, test_subjects = subjects[:n_train_subjects], subjects[n_train_subjects:]
     half = n_train_subjects * sum(GESTURE_REPEATS.values())
-    train, _ = _synthesize_split(rng, train_subjects, seq_numbers[:half], demographics, 0.0, null_rates=True)
-    test, test_labels = _synthesize_split(rng, test_subjects, seq_numbers[half:], demographics, 0.5, null_rates=False)
+    draws = np.random.default_rng([seed, 180]).random(n_subjects)
+    turned = {s for s, u in zip(subjects, draws) if u < TURNED_DEVICE_RATE}
+    train, _ = _synthesize_split(rng, train_subjects, seq_numbers[:half], demographics, 0.0, null_rates=True,
+                                 turned=turned)
+    test, test_labels = _synthesize_split(rng, test_subjects, seq_numbers[half:], demographics, 0.5, null_rates=False,
+                                          turned=turned)
     for name, frame in (("train.csv", train), ("test.csv", test.select(TEST_COLUMNS)),
                         ("train_demographics.csv", demographics.filter(pl.col("subject").is_in(train_subjects))),
                         ("test_demographics.csv", demographics.filter(pl.col("subject").is_in(test_subjects))),
                         ("test_labels.csv", test_labels)):
         _atomic_write(out_dir / name, lambda tmp, frame=frame: frame.write_csv(tmp))
-    _atomic_write_text(manifest_path, json.dumps(manifest))
+    _atomic_write_text(manifest_path, json.dumps(request | {"turned_subjects": sorted(turned)}))
     return out_dir
 
 
@@ -832,6 +855,175 @@ def sequence_table(train: pl.DataFrame) -> pl.DataFrame:
             .with_columns(pl.col("gesture").replace_strict(GESTURE_TO_INDEX, return_dtype=pl.Int64).alias("label"),
                           pl.col("orientation").replace_strict(ORIENTATION_TO_INDEX, default=-1, return_dtype=pl.Int64)
                           .fill_null(-1).alias("orientation_label")))
+
+
+# ╔══════════════════════════════════════════════════════════════════════════════════════════════╗
+# ║ Devices worn turned 180 degrees about z: found per subject, turned back before the features  ║
+# ╚══════════════════════════════════════════════════════════════════════════════════════════════╝
+# Every sequence starts from rest (the Transition phase: the hand relaxed, then moving to the target), so
+# where gravity points in the device frame over its first frames depends on the body's posture, not on the
+# gesture. A device worn turned negates acc_x and acc_y: gravity then points where no usual wearer's does.
+
+TURN_START_FRAMES = 5          # the rest pose: the first frames of every sequence
+TURN_EVIDENCE_CLIP = 3.0       # nats one sequence can add: a Gaussian's tails are overconfident
+TURN_DECISION = 12.0           # nats: a subject's evidence is clear (at least 4 sequences at the clip)
+TURN_AXES = np.array([-1.0, -1.0, 1.0])                    # what the turn does to the accelerometer
+
+
+def start_directions(acc_start: np.ndarray, left_handed: np.ndarray | None) -> np.ndarray:
+    """(sequences, 3) mean acc over each sequence's first TURN_START_FRAMES frames -> unit vectors, acc_x
+    negated for left-handed rows (the mirror, as the frame features do); NaN where acc is missing."""
+    out = np.array(acc_start, dtype=np.float64)
+    if left_handed is not None:
+        out[np.asarray(left_handed, bool), 0] *= -1
+    norm = np.linalg.norm(out, axis=1, keepdims=True)
+    return np.where(norm > 1e-6, out / np.where(norm > 1e-6, norm, 1.0), np.nan)
+
+
+@dataclass
+class TurnDetector:
+    """Per orientation, a Gaussian of the usual wearers' start directions (fitted on the training data). A
+    sequence's evidence is the log-likelihood ratio of its direction turned vs as read, each a mixture over
+    the orientations (the test does not say which), clipped at +-TURN_EVIDENCE_CLIP; a subject's evidence is
+    the sum over its sequences. The gesture does not enter."""
+    means: np.ndarray               # (orientations, 3)
+    precisions: np.ndarray          # (orientations, 3, 3)
+    log_weights: np.ndarray         # (orientations,) log share - log det / 2
+
+    @classmethod
+    def fit(cls, directions: np.ndarray, orientation_labels: np.ndarray) -> "TurnDetector | None":
+        ok = np.isfinite(directions).all(axis=1) & (orientation_labels >= 0)
+        groups = [np.where(ok & (orientation_labels == o))[0] for o in range(len(ORIENTATIONS))]
+        groups = [g for g in groups if len(g) >= 10]
+        if not groups:
+            return None
+        means, precisions, log_weights = [], [], []
+        for rows in groups:
+            cov = np.cov(directions[rows].T) + 1e-3 * np.eye(3)
+            means.append(directions[rows].mean(axis=0))
+            precisions.append(np.linalg.inv(cov))
+            log_weights.append(math.log(len(rows) / ok.sum()) - 0.5 * np.linalg.slogdet(cov)[1])
+        return cls(np.array(means), np.array(precisions), np.array(log_weights))
+
+    def _log_likelihood(self, directions: np.ndarray) -> np.ndarray:
+        d = directions[:, None, :] - self.means[None]
+        return np.logaddexp.reduce(self.log_weights - 0.5 * np.einsum("noi,oij,noj->no", d, self.precisions, d),
+                                   axis=1)
+
+    def evidence(self, directions: np.ndarray) -> np.ndarray:
+        """Per sequence: > 0 when its start direction looks turned; 0 where it is missing."""
+        ok = np.isfinite(directions).all(axis=1)
+        out = np.zeros(len(directions))
+        if ok.any():
+            d = directions[ok]
+            out[ok] = np.clip(self._log_likelihood(d * TURN_AXES) - self._log_likelihood(d),
+                              -TURN_EVIDENCE_CLIP, TURN_EVIDENCE_CLIP)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"means": self.means.tolist(), "precisions": self.precisions.tolist(),
+                "log_weights": self.log_weights.tolist()}
+
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any]) -> "TurnDetector":
+        return cls(np.asarray(saved["means"], float), np.asarray(saved["precisions"], float),
+                   np.asarray(saved["log_weights"], float))
+
+
+def training_start_directions(train: pl.DataFrame, mirror_left_handed: bool) -> pl.DataFrame:
+    """One row per sequence (in the table's order): subject, orientation label, start direction (dx, dy, dz)."""
+    left = (pl.col("handedness").cast(pl.Float32, strict=False) == 0).fill_null(False).first()
+    per_sequence = train.group_by("sequence_id", maintain_order=True).agg(
+        pl.col("subject").first(),
+        (pl.col("orientation").first() if "orientation" in train.columns else pl.lit(None, pl.String)).alias("o"),
+        (left if mirror_left_handed and "handedness" in train.columns else pl.lit(False)).alias("left"),
+        *[pl.col(c).head(TURN_START_FRAMES).mean().alias(c) for c in ("acc_x", "acc_y", "acc_z")])
+    directions = start_directions(per_sequence.select("acc_x", "acc_y", "acc_z").to_numpy(),
+                                  per_sequence["left"].to_numpy())
+    return per_sequence.select(
+        "sequence_id", "subject", pl.col("o").replace_strict(ORIENTATION_TO_INDEX, default=-1, return_dtype=pl.Int64)
+        .fill_null(-1).alias("orientation_label")).with_columns(
+        *[pl.Series(name, directions[:, k]) for k, name in enumerate(("dx", "dy", "dz"))])
+
+
+def turn_subjects_back(train: pl.DataFrame, subjects: Iterable[str]) -> pl.DataFrame:
+    """The table with every row of ``subjects`` turned back (_turn_device_raw_inplace; nulls stay null)."""
+    rows = np.where(train["subject"].is_in(list(subjects)).to_numpy())[0]
+    if not len(rows):
+        return train
+    values = sensor_matrix(train[rows])
+    _turn_device_raw_inplace(values)
+    return train.with_columns(                             # in place: the table's order stays as it was
+        train[c].clone().scatter(rows, pl.Series(values[:, j]).fill_nan(None).cast(train.schema[c]))
+        for j, c in enumerate(SENSOR_COLUMNS))
+
+
+def find_turned_devices(train: pl.DataFrame, mirror_left_handed: bool) -> tuple[pl.DataFrame, dict[str, Any]]:
+    """Training: fit the detector, find the subjects whose evidence clears TURN_DECISION, log each with its
+    evidence (and the highest evidence among the others: the margin), turn them back, and refit on the
+    corrected directions (what predict() uses). Returns (the table, the record saved in the manifest)."""
+    table = training_start_directions(train, mirror_left_handed)
+    directions = np.array(table.select("dx", "dy", "dz").to_numpy())      # a writable copy
+    labels = table["orientation_label"].to_numpy()
+    detector = TurnDetector.fit(directions, labels)
+    if detector is None:
+        LOG.info("Turned devices: no orientation labels or too few sequences: no detector")
+        return train, {"detector": None, "found": {}}
+    subjects = table["subject"].to_numpy()
+    evidence = pl.DataFrame({"subject": subjects, "e": detector.evidence(directions)}).group_by("subject").agg(
+        pl.col("e").sum().alias("evidence"), (pl.col("e") > 0).mean().alias("share"), pl.len().alias("n")
+    ).sort("evidence", descending=True)
+    found = evidence.filter(pl.col("evidence") >= TURN_DECISION)
+    others = evidence.filter(pl.col("evidence") < TURN_DECISION)
+    margin = float(others["evidence"].max()) if others.height else None
+    for subject, total, share, n in found.iter_rows():
+        LOG.warning("Turned device: %s wore the device turned 180 degrees about z (evidence %+.1f nats over %d "
+                    "sequences, %.0f%% pointing that way): its rows are turned back before the features",
+                    subject, total, n, 100 * share)
+    LOG.info("Turned devices: %d of %d subjects found (decision at %+.0f nats; the highest among the others %s)",
+             found.height, evidence.height, TURN_DECISION, "-" if margin is None else f"{margin:+.1f}")
+    names = found["subject"].to_list()
+    if names:
+        train = turn_subjects_back(train, names)
+        directions[np.isin(subjects, names)] *= TURN_AXES
+        detector = TurnDetector.fit(directions, labels) or detector
+    return train, {"detector": detector.to_dict(), "found": {s: round(e, 1) for s, e, _, _ in found.iter_rows()},
+                   "highest_other": None if margin is None else round(margin, 1)}
+
+
+class TurnTracker:
+    """predict()'s per-subject evidence (TurnDetector): a sequence is turned back once its subject's evidence,
+    its own included, clears TURN_DECISION; until then it is read as worn the usual way (the prior: 2 of 81
+    subjects). Each subject's decision is logged once, when its evidence first clears either side. Answers
+    already given never change. Thread-safe."""
+
+    def __init__(self, detector: TurnDetector) -> None:
+        self.detector = detector
+        self.evidence: dict[str, list[float]] = {}       # subject -> [sum, sequences]
+        self.decided: dict[str, bool] = {}
+        self.lock = threading.Lock()
+
+    def observe(self, subject: str | None, raw: np.ndarray, left_handed: bool) -> bool:
+        """Whether this sequence (raw rows in counter order) is to be turned back."""
+        start = np.nanmean(raw[:TURN_START_FRAMES, :3], axis=0) if np.isfinite(raw[:TURN_START_FRAMES, :3]).any() \
+            else np.full(3, np.nan)
+        e = float(self.detector.evidence(start_directions(start[None], np.array([left_handed])))[0])
+        if subject is None:
+            return e >= TURN_DECISION
+        with self.lock:
+            state = self.evidence.setdefault(subject, [0.0, 0])
+            state[0] += e
+            state[1] += 1
+            if subject not in self.decided and abs(state[0]) >= TURN_DECISION:
+                self.decided[subject] = state[0] > 0
+                (LOG.warning if state[0] > 0 else LOG.info)(
+                    "predict(): subject %s wears the device %s (evidence %+.1f nats after %d sequences)%s", subject,
+                    "turned 180 degrees about z" if state[0] > 0 else "the usual way", state[0], state[1],
+                    ": its sequences from now on are turned back" if state[0] > 0 else "")
+            return state[0] >= TURN_DECISION
+
+    def turned_subjects(self) -> list[str]:
+        return sorted(s for s, turned in self.decided.items() if turned)
 
 
 # ╔══════════════════════════════════════════════════════════════════════════════════════════════╗
@@ -2020,6 +2212,49 @@ def train_lgbm(features: pl.DataFrame, sequences: pl.DataFrame, folds: np.ndarra
                  rounds, time.perf_counter() - refit_start)
     return FamilyResult("lgbm", variant, paths, columns, oof, eval_mask, fold_metrics,
                         time.perf_counter() - started, overall, refit_paths=refit_paths)
+
+
+ORIENTATION_MODEL_PATH = "models/orientation_lgbm.txt"
+ORIENTATION_ROUNDS = 100      # at rate 0.1, half the features per tree: 0.88 correct, 8x faster than 200 x 0.05
+
+
+def train_orientation_model(features: pl.DataFrame, sequences: pl.DataFrame, folds: np.ndarray, seed: int,
+                            model_dir: Path, threads: int) -> dict[str, Any] | None:
+    """The orientation classifier the joint assignment reads (orientation is not in test.csv): LightGBM on the
+    IMU-only aggregates, so every sequence has one, since the body's posture moves gravity in the sensor frame.
+    Out-of-fold on the run's folds (for the replay), then one booster on every sequence for predict()
+    (ORIENTATION_MODEL_PATH, written by the caller only when the joint assignment is chosen). Measured out of fold on 16 synthetic subjects: 0.87 correct, against 0.75-0.77
+    for the deep families' orientation heads (README). None, logged, without orientation labels or LightGBM."""
+    labels = sequences["orientation_label"].to_numpy()
+    known = labels >= 0
+    if known.sum() < 4 * len(ORIENTATIONS):
+        LOG.info("Orientation classifier: %d sequences with a known orientation, too few: not trained", known.sum())
+        return None
+    try:
+        import lightgbm as lgb
+    except ImportError:
+        LOG.warning("Orientation classifier: LightGBM is not installed; the joint assignment falls back to the "
+                    "deep orientation heads, if any")
+        return None
+    started = time.perf_counter()
+    columns = feature_columns("imu")
+    x = features.select(columns).to_numpy().astype(np.float32)
+    params = {"objective": "multiclass", "num_class": len(ORIENTATIONS), "learning_rate": 0.1, "num_leaves": 15,
+              "feature_fraction": 0.5, "max_bin": 63, "min_child_samples": 20, "lambda_l2": 1.0,
+              "num_threads": threads, "seed": seed,
+              "deterministic": True, "force_col_wise": True, "verbose": -1}
+    oof = np.full((len(labels), len(ORIENTATIONS)), np.nan)
+    for fold in range(int(folds.max()) + 1):
+        fit = known & (folds != fold)
+        booster = lgb.train(params, lgb.Dataset(x[fit], labels[fit]), num_boost_round=ORIENTATION_ROUNDS)
+        oof[folds == fold] = booster.predict(x[folds == fold])
+    accuracy = float((oof[known].argmax(1) == labels[known]).mean())
+    booster = lgb.train(params, lgb.Dataset(x[known], labels[known]), num_boost_round=ORIENTATION_ROUNDS)
+    LOG.info("Orientation classifier (LightGBM, %d IMU aggregate features, %d rounds): out-of-fold accuracy %.4f "
+             "on %d sequences; %.1f s", len(columns), ORIENTATION_ROUNDS, accuracy, known.sum(),
+             time.perf_counter() - started)
+    return {"path": ORIENTATION_MODEL_PATH, "features": columns, "oof": oof, "accuracy": round(accuracy, 4),
+            "booster": booster}
 
 
 # ╔══════════════════════════════════════════════════════════════════════════════════════════════╗
@@ -3650,18 +3885,57 @@ def assign_within_subject(history: np.ndarray, capacity: np.ndarray, decoding: s
     return bucket if bucket < N_TARGETS else N_TARGETS + int(history[-1, N_TARGETS:].argmax())
 
 
-def simulate_per_subject(probs: np.ndarray, y: np.ndarray, subjects: np.ndarray, capacity: np.ndarray,
-                         decoding: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def joint_capacity(sequences: pl.DataFrame) -> np.ndarray:
+    """The joint assignment's capacities, (4 orientations, 9 buckets): how many sequences one training subject
+    has at most in each (orientation, target gesture), and in each orientation's pooled non-targets. The
+    protocol (DATA.md: each target gesture twice in each orientation) is what the training data shows; it is
+    read from the data, not typed in. Sequences without a known orientation do not count."""
+    known = sequences.filter(pl.col("orientation_label") >= 0).with_columns(
+        pl.col("label").clip(upper_bound=N_TARGETS).alias("bucket"))
+    capacity = np.zeros((len(ORIENTATIONS), N_TARGETS + 1), dtype=np.int64)
+    for o, b, n in known.group_by("subject", "orientation_label", "bucket").len().group_by(
+            "orientation_label", "bucket").agg(pl.col("len").max()).iter_rows():
+        capacity[o, b] = n
+    return capacity
+
+
+def assign_jointly(history: np.ndarray, orientation: np.ndarray, capacity: np.ndarray, decoding: str) -> int:
+    """The gesture answered for the LAST row of ``history`` (n x 18 gesture probabilities of one subject's
+    sequences so far, in arrival order), given each row's orientation probabilities (n x 4) and the joint
+    capacities (4 x 9, joint_capacity).
+
+    Each row gets one (orientation, bucket) slot; the most likely labelling of all n rows (the sum of
+    log p(orientation) + log p(bucket), linear_sum_assignment over capacity-many slots of each pair) gives the
+    last row its bucket, its orientation being only the means to it. As in assign_within_subject, earlier rows
+    are evidence of what the subject has left, never re-answered."""
+    from scipy.optimize import linear_sum_assignment
+    buckets = bucket_probabilities(history, decoding)
+    n = buckets.shape[0]
+    if n <= 1:
+        return int(decide_gestures(history[-1:], decoding)[0])
+    pairs = np.argwhere(np.ones_like(capacity, dtype=bool))              # (orientation, bucket), row-major
+    slots = np.repeat(np.arange(len(pairs)), np.maximum(capacity.ravel(), 1))
+    if len(slots) < n:                                     # more sequences than the capacities allow: relax evenly
+        slots = np.concatenate([slots, np.tile(np.arange(len(pairs)), -(-(n - len(slots)) // len(pairs)))])
+    cost = (-np.log(np.clip(orientation, 1e-9, None))[:, pairs[:, 0]]
+            - np.log(np.clip(buckets, 1e-9, None))[:, pairs[:, 1]])
+    rows, cols = linear_sum_assignment(cost[:, slots])
+    bucket = int(pairs[slots[cols[rows == n - 1][0]], 1])
+    return bucket if bucket < N_TARGETS else N_TARGETS + int(history[-1, N_TARGETS:].argmax())
+
+
+def simulate_per_subject(probs: np.ndarray, subjects: np.ndarray, assign: Callable[[np.ndarray], int], seed: int,
+                         decoding: str) -> tuple[np.ndarray, np.ndarray]:
     """Replay the gateway on out-of-fold probabilities: every subject's sequences arrive in a random order
-    (interleaving does not matter: state is per subject), each answered once, irrevocably. Returns (the
-    plain answers, the per-subject assignment's answers)."""
+    (interleaving does not matter: state is per subject), each answered once, irrevocably, by
+    ``assign(rows so far, in arrival order)``. Returns (the plain answers, the assignment's answers)."""
     rng = np.random.default_rng(seed)
     answers = decide_gestures(probs, decoding)
     assigned = answers.copy()
     for subject in np.unique(subjects):
         order = rng.permutation(np.where(subjects == subject)[0])
         for i in range(len(order)):
-            assigned[order[i]] = assign_within_subject(probs[order[: i + 1]], capacity, decoding)
+            assigned[order[i]] = assign(order[: i + 1])
     return answers, assigned
 
 
@@ -3680,15 +3954,18 @@ def subject_bootstrap_spread(y: np.ndarray, plain: np.ndarray, assigned: np.ndar
 
 
 class SubjectAssigner:
-    """predict()'s per-subject state: the probabilities of each subject's earlier sequences, so a new answer
-    is assigned jointly with them (assign_within_subject). Thread-safe; one per loaded predictor, so a new
-    run (configure_inference) starts empty."""
+    """predict()'s per-subject state: the gesture and orientation probabilities of each subject's earlier
+    sequences, so a new answer is assigned jointly with them: per (orientation, gesture) with ``joint``
+    capacities (assign_jointly) while every row of the subject has orientation probabilities, else per
+    gesture (assign_within_subject). Thread-safe; one per loaded predictor, so a new run (configure_inference)
+    starts empty."""
 
-    def __init__(self, quota: dict[str, int], decoding: str) -> None:
+    def __init__(self, quota: dict[str, int], decoding: str, joint: np.ndarray | None = None) -> None:
         self.capacity = pooled_capacity(quota)
+        self.joint = joint
         self.decoding = decoding
         self.history: dict[str, list[np.ndarray]] = {}
-        self.orientations: dict[str, list[np.ndarray | None]] = {}   # the deep orientation heads', row for row
+        self.orientations: dict[str, list[np.ndarray | None]] = {}
         self.lock = threading.Lock()
 
     def answer(self, subject: str | None, probs: np.ndarray, orientation: np.ndarray | None = None) -> int:
@@ -3697,7 +3974,10 @@ class SubjectAssigner:
         with self.lock:
             rows = self.history.setdefault(subject, [])
             rows.append(np.asarray(probs, dtype=np.float64))
-            self.orientations.setdefault(subject, []).append(orientation)
+            orientations = self.orientations.setdefault(subject, [])
+            orientations.append(orientation)
+            if self.joint is not None and all(o is not None for o in orientations):
+                return assign_jointly(np.vstack(rows), np.vstack(orientations), self.joint, self.decoding)
             return assign_within_subject(np.vstack(rows), self.capacity, self.decoding)
 
 
@@ -3725,9 +4005,10 @@ def machine_description() -> dict[str, Any]:
             "cpu_count": os.cpu_count()}
 
 
-def save_oof_predictions(path: Path, sequences: pl.DataFrame, folds: np.ndarray, results: list[FamilyResult]) -> None:
+def save_oof_predictions(path: Path, sequences: pl.DataFrame, folds: np.ndarray, results: list[FamilyResult],
+                         orientation: np.ndarray | None = None) -> None:
     """One row per sequence: ids, truth (gesture, orientation), fold, and each family/variant's 18 out-of-fold
-    probabilities, then its orientation head's 4 when it has one."""
+    probabilities, then its orientation head's 4 when it has one; last the orientation classifier's 4."""
     table = sequences.select("sequence_id", "subject", "gesture", "has_thm_tof").with_columns(
         pl.Series("fold", folds))
     if "orientation" in sequences.columns:
@@ -3739,6 +4020,9 @@ def save_oof_predictions(path: Path, sequences: pl.DataFrame, folds: np.ndarray,
         if result.oof_orientation is not None:              # the orientation head's, for the per-subject assignment
             table = table.hstack(pl.from_numpy(result.oof_orientation.astype(np.float32),
                                                schema=[f"{prefix}__orientation__{o}" for o in ORIENTATIONS]))
+    if orientation is not None:
+        table = table.hstack(pl.from_numpy(orientation.astype(np.float32),
+                                           schema=[f"orientation_classifier__{o}" for o in ORIENTATIONS]))
     _atomic_write(path, lambda tmp: table.write_parquet(tmp))
 
 
@@ -3821,10 +4105,28 @@ class GesturePredictor:
         per_subject = self.manifest.get("per_subject", {})
         enabled = env_bool("ENSEMBLE_PER_SUBJECT", None)
         enabled = bool(per_subject.get("enabled", False)) if enabled is None else enabled
-        self.assigner = (SubjectAssigner(per_subject.get("quota", {g: 8 for g in GESTURES}), self.decoding)
+        saved_turn = self.manifest.get("turned_devices", {})
+        self.turns = (TurnTracker(TurnDetector.from_dict(saved_turn["detector"]))
+                      if saved_turn.get("detector") and env_bool("TURNED_DEVICES", True) else None)
+        self.orientation_model: LgbmFamily | None = None
+        joint = None
+        if enabled and per_subject.get("assignment") == "joint":
+            joint = np.asarray(per_subject["joint_capacity"], dtype=np.int64)
+            spec = per_subject.get("orientation_model")
+            try:
+                if spec:
+                    self.orientation_model = LgbmFamily.load([self.model_dir / spec["path"]], [], spec["features"])
+            except Exception as exc:                       # the deep heads, or the pooled assignment, serve instead
+                if strict:
+                    raise ConfigError(f"the orientation classifier could not be loaded: {exc}") from exc
+                report_loudly(f"the orientation classifier could not be loaded ({type(exc).__name__}: {exc}); "
+                              "the per-subject assignment uses the deep orientation heads, or is pooled")
+        self.assigner = (SubjectAssigner(per_subject.get("quota", {g: 8 for g in GESTURES}), self.decoding, joint)
                          if enabled else None)
-        LOG.info("Ensemble weights %s; %s decoding; per-subject assignment %s", self.weights or "equal",
-                 self.decoding, "on" if self.assigner else "off")
+        LOG.info("Ensemble weights %s; %s decoding; per-subject assignment %s; turned devices %s",
+                 self.weights or "equal", self.decoding,
+                 f"on ({'joint' if joint is not None else 'pooled'})" if self.assigner else "off",
+                 "detected per subject" if self.turns else "not looked for")
         # {variant: [(family, loaded family)]}. Strict: a family that fails to load stops the run, naming its
         # file. Otherwise (the competition rerun) it is reported once, loudly, and the others serve.
         self.models: dict[str, list[tuple[str, Any]]] = {v: [] for v in VARIANTS}
@@ -3948,6 +4250,10 @@ class GesturePredictor:
         raw, demo = self.sanitize(sequence, demographics)
         if raw.shape[0] == 0:
             raise ValueError("empty sequence")
+        if self.turns is not None:
+            subject = sequence["subject"][0] if "subject" in sequence.columns else None
+            if self.turns.observe(subject, raw, self.mirror and demo["handedness"] == 0):
+                _turn_device_raw_inplace(raw)
         variant = self.route(raw)
         starts = np.zeros(raw.shape[0], dtype=bool)
         starts[0] = True
@@ -3976,10 +4282,23 @@ class GesturePredictor:
         weights = np.array([self.weights.get(variant, {}).get(name, 1.0) for name, _ in outcomes])
         if weights.sum() <= 0:
             weights = np.ones(len(outcomes))
-        answered = {name for name, _ in outcomes}
-        heads = [p for name, p in inputs.orientation.items() if name in answered and np.isfinite(p).all()]
         return Prediction(blend(np.stack([p for _, p in outcomes]), weights), variant,
-                          np.mean(heads, axis=0) if heads else None)
+                          self.orientation(inputs, {name for name, _ in outcomes}))
+
+    def orientation(self, inputs: "SequenceInputs", answered: set[str]) -> np.ndarray | None:
+        """The sequence's orientation probabilities, from the source the training replay used
+        (orientation_oof): the orientation classifier, else the deep heads of the families that answered."""
+        if self.orientation_model is not None:
+            try:
+                probs = self.orientation_model.predict(inputs)
+                if probs.shape == (len(ORIENTATIONS),) and np.isfinite(probs).all():
+                    return probs
+                raise ValueError(f"probabilities of shape {probs.shape}")
+            except Exception as exc:
+                self.warnings.warn("orientation", f"the orientation classifier failed on this sequence "
+                                                  f"({type(exc).__name__}: {exc}): the deep heads, if any, stand in")
+        heads = [p for name, p in inputs.orientation.items() if name in answered and np.isfinite(p).all()]
+        return np.mean(heads, axis=0) if heads else None
 
     def answer(self, sequence: pl.DataFrame, probs: np.ndarray, orientation: np.ndarray | None = None) -> int:
         """The gesture index: the decoded probabilities, or the per-subject assignment when it is on (which keeps
@@ -4242,6 +4561,7 @@ def answer_counts() -> dict[str, Any]:
     predictor = _PREDICTOR_STATE["predictor"]
     return {"answers": _PREDICTOR_STATE["answers"], "fallbacks": _PREDICTOR_STATE["fallbacks"],
             "by_family": dict(sorted(predictor.family_answers.items())) if predictor else {},
+            "turned_subjects": predictor.turns.turned_subjects() if predictor and predictor.turns else [],
             "load_failures": (predictor.load_failures if predictor else
                               [_PREDICTOR_STATE["error"]] if _PREDICTOR_STATE["error"] else [])}
 
@@ -4373,39 +4693,81 @@ class StageTimer:
         LOG.info("── %s done in %.1f s", name, self.seconds[name])
 
 
+def orientation_oof(results: list[FamilyResult], orientation_model: dict[str, Any] | None) -> tuple[np.ndarray | None, str]:
+    """The out-of-fold orientation probabilities the joint assignment replays with, and their source: the
+    orientation classifier's (train_orientation_model), else the deep families' orientation heads averaged
+    (AUX_ORIENTATION_WEIGHT > 0), else none."""
+    if orientation_model is not None:
+        return orientation_model["oof"], "orientation classifier (LightGBM on the IMU aggregates)"
+    heads = [r.oof_orientation for r in results if r.oof_orientation is not None]
+    if heads:
+        return np.nanmean(np.stack(heads), axis=0), "the deep families' orientation heads"
+    return None, "none"
+
+
 def evaluate_per_subject(ensembles: dict[str, RouteEnsemble], results: list[FamilyResult], sequences: pl.DataFrame,
-                         setting: bool | None, decoding: str, seed: int, orders: int = 5) -> dict[str, Any]:
-    """Replay the per-subject assignment on out-of-fold data the way the test looks: half the sequences (and
+                         setting: bool | None, decoding: str, seed: int, assignment: str = "auto",
+                         orientation_model: dict[str, Any] | None = None, orders: int = 5) -> dict[str, Any]:
+    """Replay the per-subject assignments on out-of-fold data the way the test looks: half the sequences (and
     every one without thm/tof) answered by the IMU-only route, the rest by the full route; each subject's
-    sequences in a random order, ``orders`` orders averaged. ENSEMBLE_PER_SUBJECT unset: on only when the
-    mean gain clears the noise of the replay, its spread (std) over the orders. The spread over a bootstrap
-    of the subjects is reported beside it: on 16 subjects it is as large as the gain itself (0.002-0.003),
-    and gating on it switched the assignment off in runs where it helped on the hold-out (README). Also
-    returns the final out-of-fold answers (for the confusion matrix)."""
+    sequences in a random order, ``orders`` orders averaged. Two assignments, on the same orders: ``pooled``
+    (per gesture, assign_within_subject) and, where orientation probabilities exist, ``joint`` (per
+    orientation and gesture, assign_jointly). ENSEMBLE_ASSIGNMENT=auto takes the one with the larger mean gain.
+    ENSEMBLE_PER_SUBJECT unset: on only when that gain clears the noise of the replay, its spread (std) over
+    the orders. The spread over a bootstrap of the subjects is reported beside it: on 16 subjects it is as
+    large as a small gain (0.002-0.003), and gating on it switched the assignment off in runs where it helped
+    on the hold-out (README). Also returns the final out-of-fold answers (for the confusion matrix)."""
     blended = ensemble_oof_probs(ensembles, results)
     use_full = test_like_mix(sequences, blended, seed)
     probs = mix_routes(blended, use_full)
     mask = np.isfinite(probs).all(axis=1)
     y = sequences["label"].to_numpy()[mask]
     subjects = sequences["subject"].to_numpy()[mask]
+    scored = probs[mask]
     quota = subject_quota(sequences)
     capacity = pooled_capacity(quota)
-    runs = [simulate_per_subject(probs[mask], y, subjects, capacity, decoding, seed + i) for i in range(orders)]
-    plain = fast_competition_score(y, runs[0][0])
-    gains = np.array([fast_competition_score(y, assigned) - plain for _, assigned in runs])
-    spread = float(gains.std())
-    subject_spread = subject_bootstrap_spread(y, runs[0][0], runs[0][1], subjects, seed)
-    gain = float(gains.mean())
+    candidates: dict[str, Callable[[np.ndarray], int]] = {
+        "pooled": lambda rows: assign_within_subject(scored[rows], capacity, decoding)}
+    oof_orientation, source = orientation_oof(results, orientation_model)
+    joint = joint_capacity(sequences)
+    if assignment != "pooled" and oof_orientation is not None and joint.any():
+        orientation = np.nan_to_num(oof_orientation[mask], nan=1.0 / len(ORIENTATIONS))
+        candidates["joint"] = lambda rows: assign_jointly(scored[rows], orientation[rows], joint, decoding)
+    elif assignment == "joint":
+        LOG.warning("ENSEMBLE_ASSIGNMENT=joint, but there are no orientation probabilities (%s) or no orientation "
+                    "labels: the pooled assignment is used", source)
+    runs = {name: [simulate_per_subject(scored, subjects, assign, seed + i, decoding) for i in range(orders)]
+            for name, assign in candidates.items()}
+    plain_answers = runs["pooled"][0][0]
+    plain = fast_competition_score(y, plain_answers)
+    gains = {name: np.array([fast_competition_score(y, assigned) - plain for _, assigned in replays])
+             for name, replays in runs.items()}
+    chosen = assignment if assignment in candidates else max(candidates, key=lambda name: gains[name].mean())
+    gain, spread = float(gains[chosen].mean()), float(gains[chosen].std())
+    subject_spread = subject_bootstrap_spread(y, plain_answers, runs[chosen][0][1], subjects, seed)
     enabled = (gain > spread) if setting is None else setting
-    LOG.info("Per-subject assignment, test-like mix (%d%% IMU-only), %d random gateway orders: %.4f -> %.4f (%+.4f; "
-             "spread over the orders %.4f, over resampled subjects %.4f): %s (%s)",
-             round(100 * (1 - use_full[mask].mean())), orders, plain, plain + gain, gain, spread, subject_spread,
-             "on" if enabled else "off", "ENSEMBLE_PER_SUBJECT" if setting is not None
-             else "auto: on if the gain clears its spread over the orders")
-    final = runs[0][1] if enabled else runs[0][0]            # the answers predict() would give
-    return {"enabled": bool(enabled), "plain_score": round(plain, 4), "assigned_score": round(plain + gain, 4),
-            "gain": round(gain, 4), "noise": round(spread, 4), "subject_spread": round(subject_spread, 4),
-            "orders": orders, "quota": quota,
+    LOG.info("Per-subject assignment replayed on the out-of-fold rows, test-like mix (%d%% IMU-only), %d random "
+             "gateway orders; orientation from %s: %s", round(100 * (1 - use_full[mask].mean())), orders, source,
+             "; ".join(f"{name} {plain:.4f} -> {plain + g.mean():.4f} ({g.mean():+.4f} +- {g.std():.4f})"
+                       for name, g in gains.items()))
+    LOG.info("Per-subject assignment: %s, %s (gain %+.4f; spread over the orders %.4f, over resampled subjects "
+             "%.4f; %s)", chosen, "on" if enabled else "off", gain, spread, subject_spread,
+             "ENSEMBLE_PER_SUBJECT" if setting is not None else "auto: on if the gain clears its spread over the "
+             "orders")
+    final = runs[chosen][0][1] if enabled else plain_answers  # the answers predict() would give
+    accuracy = None
+    if oof_orientation is not None:
+        known = sequences["orientation_label"].to_numpy() >= 0
+        known &= np.isfinite(oof_orientation).all(axis=1)
+        if known.any():
+            accuracy = round(float((oof_orientation[known].argmax(1)
+                                    == sequences["orientation_label"].to_numpy()[known]).mean()), 4)
+    return {"enabled": bool(enabled), "assignment": chosen, "plain_score": round(plain, 4),
+            "assigned_score": round(plain + gain, 4), "gain": round(gain, 4), "noise": round(spread, 4),
+            "subject_spread": round(subject_spread, 4),
+            "gains": {name: round(float(g.mean()), 4) for name, g in gains.items()},
+            "orders": orders, "quota": quota, "joint_capacity": joint.tolist(),
+            "orientation_source": source, "orientation_accuracy": accuracy,
             "decoding": decoding, "imu_share": round(float(1 - use_full[mask].mean()), 3),
             "n_scored": int(mask.sum()), "final_predictions": final, "mask": mask}
 
@@ -4525,6 +4887,11 @@ def train_all(train: pl.DataFrame, settings: Settings, model_dir: Path, timer: S
               synthetic: bool) -> dict[str, Any]:
     """Features, folds, every enabled family in both variants, artifacts; returns the summary rows."""
     cfg = settings.cfg
+    turned = {"detector": None, "found": {}, "detect": settings.turn.DETECT}
+    if settings.turn.DETECT:
+        with timer("turned devices"):
+            train, found = find_turned_devices(train, cfg.MIRROR_LEFT_HANDED)
+            turned |= found
     with timer("sequence table and folds"):
         sequences = sequence_table(train)
         folds = make_folds(sequences, cfg.N_FOLDS, cfg.SEED)
@@ -4547,6 +4914,11 @@ def train_all(train: pl.DataFrame, settings: Settings, model_dir: Path, timer: S
     with timer("aggregate features"):
         features = build_feature_table(train, cfg.MIRROR_LEFT_HANDED, frames)
     del frames                                              # the cache keeps what the deep models need
+    orientation_model = None
+    if settings.ensemble.PER_SUBJECT is not False and settings.ensemble.ASSIGNMENT != "pooled":
+        with timer("orientation classifier"):
+            orientation_model = train_orientation_model(features, sequences, folds, cfg.SEED, model_dir,
+                                                        settings.lgbm.NUM_THREADS)
     full_fit = resolve_full_fit(cfg.FULL_FIT)
     trainers: list[tuple[str, str, Callable[[], FamilyResult]]] = []
     for variant in VARIANTS:
@@ -4602,14 +4974,20 @@ def train_all(train: pl.DataFrame, settings: Settings, model_dir: Path, timer: S
     if epoch_rows:                                          # the per-epoch log table, as a CSV and a picture
         _atomic_write(model_dir / "epoch_log.csv", lambda tmp: pl.DataFrame(epoch_rows).write_csv(tmp))
         save_training_curves(model_dir, epoch_rows)
-    save_oof_predictions(model_dir / "oof_predictions.parquet", sequences, folds, results)
+    save_oof_predictions(model_dir / "oof_predictions.parquet", sequences, folds, results,
+                         None if orientation_model is None else orientation_model["oof"])
     y = sequences["label"].to_numpy()
     with timer("ensemble"):
         ensembles, decoding, decoding_scores = build_ensembles(results, sequences, folds, settings.ensemble, cfg.SEED)
         per_subject = evaluate_per_subject(ensembles, results, sequences, settings.ensemble.PER_SUBJECT, decoding,
-                                           cfg.SEED)
+                                           cfg.SEED, settings.ensemble.ASSIGNMENT, orientation_model)
         save_confusion_matrix(model_dir, y, per_subject.pop("final_predictions"), per_subject["mask"])
         per_subject.pop("mask")
+        if orientation_model is not None and per_subject["assignment"] == "joint":   # else nothing reads it
+            _atomic_write(model_dir / orientation_model["path"],
+                          lambda tmp: orientation_model["booster"].save_model(str(tmp)))
+            per_subject["orientation_model"] = {"path": orientation_model["path"],
+                                                "features": orientation_model["features"]}
     summary_rows = summary_table(results, failed, ensembles, per_subject)
     _atomic_write(model_dir / "summary.csv", lambda tmp: pl.DataFrame(summary_rows).write_csv(tmp))
     demographic_defaults = {c: float(train.group_by("subject").agg(pl.col(c).first())[c].median() or 0.0)
@@ -4619,10 +4997,11 @@ def train_all(train: pl.DataFrame, settings: Settings, model_dir: Path, timer: S
                             {"synthetic_data": synthetic, "n_sequences": sequences.height, "decoding": decoding,
                              "decoding_scores": decoding_scores,
                              "ensemble": {route: dataclasses.asdict(e) for route, e in ensembles.items()},
-                             "per_subject": per_subject, "failed_families": failed})
+                             "per_subject": per_subject, "failed_families": failed, "turned_devices": turned})
     return {"summary": summary_rows, "folds": fold_rows, "ensemble": {r: dataclasses.asdict(e)
                                                                      for r, e in ensembles.items()},
-            "per_subject": per_subject, "failed_families": failed, "deep_frame_access": frame_access}
+            "per_subject": per_subject, "failed_families": failed, "deep_frame_access": frame_access,
+            "turned_devices": {k: v for k, v in turned.items() if k != "detector"}}
 
 
 def log_run_summary(result: dict[str, Any]) -> None:
@@ -4646,6 +5025,13 @@ def log_run_summary(result: dict[str, Any]) -> None:
                  inference["fallbacks"], DEFAULT_GESTURE, inference["by_family"] or "none")
         for failure in inference["load_failures"]:
             LOG.error("Not loaded, not used: %s", failure)
+        LOG.info("predict(): %d subject(s) found wearing the device turned: %s", len(inference["turned_subjects"]),
+                 ", ".join(inference["turned_subjects"]) or "none")
+    if "turned_devices" in result:
+        found = result["turned_devices"]
+        LOG.info("Training: %s", "turned devices not looked for (TURNED_DEVICES=0)" if not found["detect"] else
+                 f"{len(found['found'])} subject(s) found wearing the device turned and turned back: "
+                 f"{', '.join(f'{s} ({e:+.1f})' for s, e in found['found'].items()) or 'none'}")
     for route, s in inference.get("synthetic_test", {}).items():
         LOG.info("Synthetic hold-out test, %-11s %4d sequences: score %.4f (BinF1 %.4f, MacroF1 %.4f)%s",
                  route, s["n"], s["score"], s["binary_f1"], s["macro_f1"], synthetic)

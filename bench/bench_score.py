@@ -84,12 +84,14 @@ ROWS = [
 ]
 
 
-def make_slice(n_subjects: int, out: Path) -> Path:
-    """The first n training subjects of the `full` synthetic set, with all its test subjects: written once."""
+def make_slice(n_subjects: int, out: Path, turned_test: int = 0) -> Path:
+    """The first n training subjects of the `full` synthetic set, with all its test subjects: written once.
+    ``turned_test``: that many of the test subjects (the first, sorted) wear the device turned 180 degrees
+    about z (train_infer's _turn_device_raw_inplace on their raw rows; test_labels.csv marks them)."""
     import polars as pl
     from common import full_synthetic_dir
     done = out / "slice.json"
-    if done.is_file() and json.loads(done.read_text())["subjects"] == n_subjects:
+    if done.is_file() and json.loads(done.read_text()).get("key") == [n_subjects, turned_test]:
         return out
     full = full_synthetic_dir()
     demographics = pl.read_csv(full / "train_demographics.csv", schema_overrides={"subject": pl.String})
@@ -100,7 +102,16 @@ def make_slice(n_subjects: int, out: Path) -> Path:
     demographics.filter(pl.col("subject").is_in(subjects)).write_csv(out / "train_demographics.csv")
     for name in ("test.csv", "test_demographics.csv", "test_labels.csv"):
         shutil.copy(full / name, out / name)
-    done.write_text(json.dumps({"subjects": n_subjects, "ids": subjects}))
+    if turned_test:
+        import train_infer as ti
+        turned = sorted(pl.read_csv(full / "test_demographics.csv", schema_overrides={"subject": pl.String})
+                        ["subject"].to_list())[:turned_test]
+        test = ti.read_competition_csv(full / "test.csv", ti.TEST_COLUMNS)
+        ti.turn_subjects_back(test, turned).write_csv(out / "test.csv")      # the turn is its own inverse
+        labels = pl.read_csv(full / "test_labels.csv", schema_overrides={"subject": pl.String})
+        labels.with_columns(device_turned=pl.col("device_turned") | pl.col("subject").is_in(turned)).write_csv(
+            out / "test_labels.csv")
+    done.write_text(json.dumps({"key": [n_subjects, turned_test], "ids": subjects}))
     return out
 
 
@@ -126,20 +137,26 @@ def evaluate_holdout(script: Path, artifacts: Path, data_dir: Path) -> dict:
             family.predict = recorded
     test = ti.read_competition_csv(data_dir / "test.csv", ti.TEST_COLUMNS)
     demographics = pl.read_csv(data_dir / "test_demographics.csv", schema_overrides={"subject": pl.String})
-    labels = dict(pl.read_csv(data_dir / "test_labels.csv").select("sequence_id", "gesture").iter_rows())
-    imu_only = dict(pl.read_csv(data_dir / "test_labels.csv").select("sequence_id", "imu_only").iter_rows())
+    label_table = pl.read_csv(data_dir / "test_labels.csv")
+    labels = dict(label_table.select("sequence_id", "gesture").iter_rows())
+    imu_only = dict(label_table.select("sequence_id", "imu_only").iter_rows())
+    turned = (dict(label_table.select("sequence_id", "device_turned").iter_rows())
+              if "device_turned" in label_table.columns and label_table["device_turned"].any() else {})
     answers: dict[str, dict[str, str]] = {}
     arrivals: list[tuple[str, str, np.ndarray]] = []          # (sequence, subject, blend) in the gateway's order
     for sequence_id, sequence, demo in ti._gateway_sequences(test, demographics, 0):
         seen.clear()
-        probs, _ = predictor.predict_proba(sequence, demo)
-        arrivals.append((sequence_id, str(sequence["subject"][0]), probs))
+        probs, _, orientation = predictor.predict_sequence(sequence, demo)
+        arrivals.append((sequence_id, str(sequence["subject"][0]), probs, orientation))
         row = {name: ti.GESTURES[int(np.argmax(p))] for name, p in seen.items()}
         row["blend"] = ti.GESTURES[int(np.argmax(probs))]
-        row["predict"] = ti.GESTURES[predictor.answer(sequence, probs)]
+        row["predict"] = ti.GESTURES[predictor.answer(sequence, probs, orientation)]
         answers[sequence_id] = row
     scores: dict[str, dict[str, float]] = {}
-    for route, keep in (("imu", lambda s: imu_only[s]), ("full", lambda s: not imu_only[s]), ("all", lambda s: True)):
+    groups = [("imu", lambda s: imu_only[s]), ("full", lambda s: not imu_only[s]), ("all", lambda s: True)]
+    if turned:                                                  # subjects wearing the device turned vs the others
+        groups += [("turned", lambda s: turned[s]), ("usual", lambda s: not turned[s])]
+    for route, keep in groups:
         ids = [s for s in answers if keep(s)]
         for who in sorted({k for s in ids for k in answers[s]}):
             scored = [s for s in ids if who in answers[s]]
@@ -147,7 +164,7 @@ def evaluate_holdout(script: Path, artifacts: Path, data_dir: Path) -> dict:
                 [labels[s] for s in scored], [answers[s][who] for s in scored]).score, 4)
     if hasattr(ti, "decide_gestures"):                          # scripts that decode and assign the new way
         manifest = json.loads((artifacts / "artifacts.json").read_text())
-        truth = np.array([ti.GESTURES.index(labels[s]) for s, _, _ in arrivals])
+        truth = np.array([ti.GESTURES.index(labels[s]) for s, *_ in arrivals])
         scores["decisions"] = {name: round(ti.fast_competition_score(truth, answered), 4)
                                for name, answered in replay_decisions(ti, arrivals, manifest).items()}
     return scores
@@ -170,9 +187,11 @@ def previous_assignment(history: np.ndarray, quota: np.ndarray) -> int:
 def replay_decisions(ti, arrivals: list, manifest: dict) -> dict[str, np.ndarray]:
     """The hold-out's blended probabilities, in the gateway's order, answered by each decision: both decodings
     alone, the previous per-gesture assignment (always on, argmax), the pooled assignment always on, and the
-    default (the decoding and on/off the training run chose out of fold)."""
-    probs = np.stack([p for _, _, p in arrivals])
-    subjects = [s for _, s, _ in arrivals]
+    default (the decoding and on/off the training run chose out of fold); with orientation probabilities, the
+    joint assignment always on too."""
+    probs = np.stack([a[2] for a in arrivals])
+    subjects = [a[1] for a in arrivals]
+    orientations = [a[3] for a in arrivals]
     quota = manifest["per_subject"]["quota"]
     quota18 = np.array([quota[g] for g in ti.GESTURES])
     capacity = ti.pooled_capacity(quota)
@@ -186,7 +205,18 @@ def replay_decisions(ti, arrivals: list, manifest: dict) -> dict[str, np.ndarray
         pooled.append(ti.assign_within_subject(history, capacity, decoding))
     out["previous assignment (per gesture, argmax)"] = np.array(previous)
     out["pooled assignment, always on"] = np.array(pooled)
-    out["default"] = np.array(pooled) if manifest["per_subject"]["enabled"] else out[f"{decoding} alone"]
+    chosen = np.array(pooled)
+    joint = manifest["per_subject"].get("joint_capacity")
+    if joint is not None and all(o is not None for o in orientations) and hasattr(ti, "assign_jointly"):
+        capacity, answered = np.asarray(joint), []
+        for i, subject in enumerate(subjects):
+            rows = seen[subject][: seen[subject].index(i) + 1]      # the subject's arrivals up to this one
+            answered.append(ti.assign_jointly(probs[rows], np.stack([orientations[r] for r in rows]), capacity,
+                                              decoding))
+        out["joint assignment, always on"] = np.array(answered)
+        if manifest["per_subject"].get("assignment") == "joint":
+            chosen = out["joint assignment, always on"]
+    out["default"] = chosen if manifest["per_subject"]["enabled"] else out[f"{decoding} alone"]
     return out
 
 
@@ -302,6 +332,8 @@ def main() -> None:
     parser.add_argument("--subjects", type=int, default=40, help="training subjects of the full set (default 40)")
     parser.add_argument("--data-dir", type=Path, help="a competition-format folder with test_labels.csv instead of "
                                                       "the slice (tests use a tiny one)")
+    parser.add_argument("--turned-test", type=int, default=0, help="test subjects of the slice who wear the device "
+                        "turned 180 degrees (default 0); the hold-out is then scored for them and the others apart")
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44], help="CMI_SEED values")
     parser.add_argument("--epochs", type=int, default=40, help="DL_EPOCHS and KERAS_EPOCHS (the GPU budget: 40); 0 = "
                         "unset: each script's own defaults for the device (on a CPU, its CPU budget)")
@@ -329,7 +361,8 @@ def main() -> None:
         if "base" in args.rows and (args.baseline_script is None or not args.baseline_script.is_file()):
             raise SystemExit("the 'base' row needs --baseline-script: today's train_infer.py (e.g. git show "
                              "REF:train_infer.py > old.py)")
-        data_dir = args.data_dir.resolve() if args.data_dir else make_slice(args.subjects, args.out / "data")
+        data_dir = (args.data_dir.resolve() if args.data_dir else
+                    make_slice(args.subjects, args.out / "data", args.turned_test))
         lock = threading.Lock()
         # The rows the comparison hangs on first (today's recipe, the new default), so that a run cut short
         # still has them; then the ablation chain.

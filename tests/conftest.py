@@ -17,7 +17,7 @@ import train_infer as ti  # noqa: E402
 REAL_DIR = ROOT.parent / "shared" / "cmi_real"
 # Variables the script reads: tests start from a clean slate so a developer's shell cannot change them.
 SCRIPT_ENV_PREFIXES = ("CMI_", "LGBM_", "DL_", "TORCH_", "KERAS_", "FRAME_CACHE_", "ENSEMBLE_", "RUN_", "AUG_", "AUX_",
-                       "DEEP_SELECTION", "FULL_FIT", "KAGGLE_IS_COMPETITION_RERUN")
+                       "DEEP_SELECTION", "FULL_FIT", "TURNED_DEVICES", "KAGGLE_IS_COMPETITION_RERUN")
 
 
 @contextmanager
@@ -50,9 +50,11 @@ def tiny_data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def trained_run(tiny_data, tmp_path_factory) -> tuple[Path, dict]:
-    """One end-to-end run on the tiny set: 2 folds, train, save, answer every test sequence."""
+    """One end-to-end run on the tiny set: 2 folds, train, save, answer every test sequence; the joint per-subject
+    assignment forced on, so that its path (the orientation classifier saved, loaded and read) is always covered."""
     out = tmp_path_factory.mktemp("trained")
-    with script_env(LGBM_N_ESTIMATORS="60", LGBM_ES_ROUNDS="15", RUN_TORCH_TRAINING="0", RUN_KERAS_TRAINING="0"):
+    with script_env(LGBM_N_ESTIMATORS="60", LGBM_ES_ROUNDS="15", RUN_TORCH_TRAINING="0", RUN_KERAS_TRAINING="0",
+                    ENSEMBLE_ASSIGNMENT="joint", ENSEMBLE_PER_SUBJECT="1"):
         result = ti.main(["--data-dir", str(tiny_data), "--output-dir", str(out), "--folds", "2"])
     return out, result
 

@@ -162,8 +162,9 @@ def test_answers_given_earlier_are_never_changed_and_state_is_per_subject():
     probs /= probs.sum(1, keepdims=True)
     y = np.zeros(30, dtype=int)
     subjects = np.repeat([0, 1, 2], 10)
-    plain, assigned = ti.simulate_per_subject(probs, y, subjects, np.full(9, 2), "argmax", seed=0)
     capacity = np.full(9, 2)
+    plain, assigned = ti.simulate_per_subject(
+        probs, subjects, lambda rows: ti.assign_within_subject(probs[rows], capacity, "argmax"), 0, "argmax")
     order_rng = np.random.default_rng(0)
     for subject in range(3):
         order = order_rng.permutation(np.where(subjects == subject)[0])
@@ -179,9 +180,88 @@ def test_simulation_measures_a_gain_on_confusable_pairs():
     probs = np.full((len(y), 18), 0.001)
     probs[:, 0] = 0.5 + rng.normal(0, 0.02, len(y)) + 0.03 * (y == 0)   # the model leans to gesture 0 ...
     probs[:, 1] = 0.45 + 0.03 * (y == 1)                     # ... but ranks the sequences right
-    plain, assigned = ti.simulate_per_subject(probs, y, subjects, np.full(9, 8), "argmax", seed=0)
+    plain, assigned = ti.simulate_per_subject(
+        probs, subjects, lambda rows: ti.assign_within_subject(probs[rows], np.full(9, 8), "argmax"), 0, "argmax")
     assert ti.fast_competition_score(y, assigned) > ti.fast_competition_score(y, plain)
     assert ti.subject_bootstrap_spread(y, plain, plain, subjects, seed=0) == 0.0   # no change, no spread
+
+
+def joint_sequences(rows: list[tuple[str, int, int]]) -> pl.DataFrame:
+    """A sequence table (subject, gesture label, orientation label) as sequence_table() makes it."""
+    return pl.DataFrame(rows, schema=["subject", "label", "orientation_label"], orient="row")
+
+
+def test_joint_capacities_are_each_subjects_most_per_orientation_and_bucket_read_from_the_data():
+    rows = ([("A", 0, 0)] * 2 + [("A", 0, 1)] * 2 + [("B", 0, 0)] * 3     # B did gesture 0 three times seated
+            + [("A", 9, 2), ("A", 12, 2), ("A", 17, 2)]                    # non-targets pool per orientation
+            + [("B", 3, -1)] * 5)                                          # no known orientation: not counted
+    capacity = ti.joint_capacity(joint_sequences(rows))
+    expected = np.zeros((4, 9), dtype=int)
+    expected[0, 0], expected[1, 0], expected[2, 8] = 3, 2, 3
+    assert capacity.tolist() == expected.tolist()
+
+
+def test_the_joint_assignment_spends_each_orientations_slots_separately():
+    capacity = np.zeros((4, 9), dtype=int)
+    capacity[:, :8], capacity[:, 8] = 2, 10                # the protocol: each target twice per orientation
+    looks_like_0 = np.full(18, 0.01)
+    looks_like_0[0], looks_like_0[3] = 0.6, 0.3
+    history = np.tile(looks_like_0, (3, 1))
+    seated = np.tile(np.eye(4)[0] * 0.97 + 0.01, (3, 1))
+    # Three sequences that look like gesture 0, all clearly seated: only two fit, the third takes gesture 3.
+    assert ti.assign_jointly(history, seated, capacity, "argmax") == 3
+    # The same three spread over two orientations fit: the third keeps gesture 0.
+    spread = seated.copy()
+    spread[2] = np.eye(4)[1] * 0.97 + 0.01
+    assert ti.assign_jointly(history, spread, capacity, "argmax") == 0
+    # Per gesture (8 slots) nothing binds: the pooled assignment keeps gesture 0 in both cases.
+    assert ti.assign_within_subject(history, ti.pooled_capacity({g: 8 for g in ti.GESTURES}), "argmax") == 0
+    assert ti.assign_jointly(history[:1], seated[:1], capacity, "argmax") == 0      # one row: the plain answer
+    many = np.tile(looks_like_0, (120, 1))                 # more rows than all the slots: still an answer
+    assert 0 <= ti.assign_jointly(many, np.tile(seated[:1], (120, 1)), capacity, "argmax") < 18
+
+
+def test_the_assigner_is_joint_while_it_has_every_rows_orientation_and_pooled_otherwise():
+    capacity = np.zeros((4, 9), dtype=int)
+    capacity[:, :8], capacity[:, 8] = 2, 10
+    looks_like_0 = np.full(18, 0.01)
+    looks_like_0[0], looks_like_0[3] = 0.6, 0.3
+    seated = np.eye(4)[0] * 0.97 + 0.01
+    joint = ti.SubjectAssigner({g: 8 for g in ti.GESTURES}, "argmax", capacity)
+    assert [joint.answer("S", looks_like_0, seated) for _ in range(3)] == [0, 0, 3]
+    assert joint.answer("T", looks_like_0, None) == 0       # a row without orientation: per gesture
+    assert [joint.answer("T", looks_like_0, seated) for _ in range(2)] == [0, 0]
+
+
+def test_the_replay_measures_the_joint_assignment_and_picks_the_better_one():
+    """Out-of-fold rows in which each subject's pairs of confusable gestures are told apart by orientation:
+    the joint assignment gains more than the pooled one (8 per gesture); auto picks joint; pooled forced stays
+    pooled; without orientation probabilities there is no joint candidate."""
+    rng = np.random.default_rng(0)
+    rows, probs, orientation = [], [], []
+    for subject in range(8):
+        for o in range(4):
+            for gesture in (0, 1):
+                for _ in range(2):
+                    rows.append((f"S{subject}", gesture, o, True))
+                    p = np.full(18, 0.001)
+                    p[0], p[1] = 0.5 + rng.normal(0, 0.02), 0.45     # leans to 0 whatever the truth
+                    p[gesture] += 0.03
+                    probs.append(p / p.sum())
+                    orientation.append(np.eye(4)[o] * 0.9 + 0.025)
+    sequences = pl.DataFrame(rows, schema=["subject", "label", "orientation_label", "has_thm_tof"], orient="row"
+                             ).with_columns(pl.col("label").map_elements(ti.GESTURES.__getitem__, pl.String).alias("gesture"))
+    probs, orientation = np.array(probs), np.array(orientation)
+    result = ti.FamilyResult("lgbm", "full", [], [], probs, np.ones(len(probs), bool), [], 0.0)
+    ensembles = {"full": ti.RouteEnsemble("full", ["lgbm"], [1.0], {}, 0, 0, 0, "equal")}
+    model = {"oof": orientation}
+    auto = ti.evaluate_per_subject(ensembles, [result], sequences, None, "argmax", 0, "auto", model)
+    assert auto["assignment"] == "joint" and auto["enabled"]
+    assert auto["gains"]["joint"] > auto["gains"]["pooled"] + 0.01 and auto["orientation_accuracy"] == 1.0
+    pooled = ti.evaluate_per_subject(ensembles, [result], sequences, None, "argmax", 0, "pooled", model)
+    assert pooled["assignment"] == "pooled" and set(pooled["gains"]) == {"pooled"}
+    blind = ti.evaluate_per_subject(ensembles, [result], sequences, None, "argmax", 0, "joint", None)
+    assert blind["assignment"] == "pooled" and blind["orientation_source"] == "none"
 
 
 def test_a_family_that_fails_at_predict_time_is_left_out(all_families_run, tiny_data, monkeypatch, warnings_seen):

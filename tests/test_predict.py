@@ -19,9 +19,10 @@ def test_end_to_end_trains_saves_and_answers_every_test_sequence(trained_run, ti
     out, result = trained_run
     assert {"artifacts.json", "fold_metrics.csv", "oof_predictions.parquet", "summary.csv", "submission.csv",
             "train_log.txt", "run_summary.json"} <= {p.name for p in out.iterdir()}
-    assert sorted(p.name for p in (out / "models").iterdir()) == sorted(
-        f"lgbm_{v}_fold{k}.txt" for v in ("imu", "full") for k in range(2))
     manifest = json.loads((out / "artifacts.json").read_text())
+    joint = manifest["per_subject"]["assignment"] == "joint"      # the orientation classifier, read only then
+    assert sorted(p.name for p in (out / "models").iterdir()) == sorted(
+        [f"lgbm_{v}_fold{k}.txt" for v in ("imu", "full") for k in range(2)] + ["orientation_lgbm.txt"] * joint)
     assert manifest["feature_version"] == ti.feature_version(True)
     assert "lightgbm" in manifest["library_versions"] and manifest["classes"] == list(ti.GESTURES)
     submission = pl.read_csv(out / "submission.csv")
