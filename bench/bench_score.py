@@ -81,6 +81,10 @@ ROWS = [
     ("views", "the default: front, the phase head, Keras's branches", {}, ALL_FAMILIES),
     ("pad120", "the default, pad 120", {"DL_FIXED_PAD_LEN": "120", "KERAS_FIXED_PAD_LEN": "120"}, ALL_FAMILIES),
     ("pad128", "the default, pad 128", {"DL_FIXED_PAD_LEN": "128", "KERAS_FIXED_PAD_LEN": "128"}, ALL_FAMILIES),
+    # A subject's assignment and turned devices: the joint assignment forced on, so that the hold-out's decisions
+    # compare it with the pooled one and none (both replayed out of fold in artifacts.json either way).
+    ("joint", "the default, the joint assignment forced on", {"ENSEMBLE_ASSIGNMENT": "joint",
+                                                              "ENSEMBLE_PER_SUBJECT": "1"}, ALL_FAMILIES),
 ]
 
 
