@@ -1005,11 +1005,11 @@ class TurnTracker:
 
     def observe(self, subject: str | None, raw: np.ndarray, left_handed: bool) -> bool:
         """Whether this sequence (raw rows in counter order) is to be turned back."""
+        if subject is None:                                  # one sequence never clears TURN_DECISION alone
+            return False
         start = np.nanmean(raw[:TURN_START_FRAMES, :3], axis=0) if np.isfinite(raw[:TURN_START_FRAMES, :3]).any() \
             else np.full(3, np.nan)
         e = float(self.detector.evidence(start_directions(start[None], np.array([left_handed])))[0])
-        if subject is None:
-            return e >= TURN_DECISION
         with self.lock:
             state = self.evidence.setdefault(subject, [0.0, 0])
             state[0] += e
@@ -2219,12 +2219,13 @@ ORIENTATION_ROUNDS = 100      # at rate 0.1, half the features per tree: 0.88 co
 
 
 def train_orientation_model(features: pl.DataFrame, sequences: pl.DataFrame, folds: np.ndarray, seed: int,
-                            model_dir: Path, threads: int) -> dict[str, Any] | None:
+                            threads: int) -> dict[str, Any] | None:
     """The orientation classifier the joint assignment reads (orientation is not in test.csv): LightGBM on the
     IMU-only aggregates, so every sequence has one, since the body's posture moves gravity in the sensor frame.
-    Out-of-fold on the run's folds (for the replay), then one booster on every sequence for predict()
-    (ORIENTATION_MODEL_PATH, written by the caller only when the joint assignment is chosen). Measured out of fold on 16 synthetic subjects: 0.87 correct, against 0.75-0.77
-    for the deep families' orientation heads (README). None, logged, without orientation labels or LightGBM."""
+    Out-of-fold on the run's folds (for the replay), then one booster on every sequence for predict(), which
+    the caller writes (ORIENTATION_MODEL_PATH) only when the joint assignment is chosen. Out of fold on 16
+    synthetic subjects: 0.88 correct, the deep orientation heads 0.75-0.77 (README). None, logged, without
+    orientation labels or LightGBM."""
     labels = sequences["orientation_label"].to_numpy()
     known = labels >= 0
     if known.sum() < 4 * len(ORIENTATIONS):
@@ -3871,18 +3872,9 @@ def assign_within_subject(history: np.ndarray, capacity: np.ndarray, decoding: s
     bucket; a non-target bucket answers the row's most likely non-target gesture. Earlier rows enter only as
     evidence of what the subject has left: their answers were given and never change. Pinning them to their
     answers instead would let an early mistake use up a target's slots and push later correct answers away
-    (replayed out of fold: -0.03, README). With few rows no capacity binds and the answer is decide_gestures'."""
-    from scipy.optimize import linear_sum_assignment
-    buckets = bucket_probabilities(history, decoding)
-    n = buckets.shape[0]
-    if n <= 1:
-        return int(decide_gestures(history[-1:], decoding)[0])
-    slots = np.repeat(np.arange(N_TARGETS + 1), np.maximum(capacity, 1))
-    if len(slots) < n:                                     # more sequences than the capacities allow: relax evenly
-        slots = np.concatenate([slots, np.tile(np.arange(N_TARGETS + 1), -(-(n - len(slots)) // (N_TARGETS + 1)))])
-    rows, cols = linear_sum_assignment(-np.log(np.clip(buckets, 1e-9, None))[:, slots])
-    bucket = int(slots[cols[rows == n - 1][0]])
-    return bucket if bucket < N_TARGETS else N_TARGETS + int(history[-1, N_TARGETS:].argmax())
+    (replayed out of fold: -0.03, README). With few rows no capacity binds and the answer is decide_gestures'.
+    It is the joint assignment with one orientation that every row is in for certain."""
+    return assign_jointly(history, np.ones((len(history), 1)), np.asarray(capacity)[None], decoding)
 
 
 def joint_capacity(sequences: pl.DataFrame) -> np.ndarray:
@@ -3906,15 +3898,15 @@ def assign_jointly(history: np.ndarray, orientation: np.ndarray, capacity: np.nd
 
     Each row gets one (orientation, bucket) slot; the most likely labelling of all n rows (the sum of
     log p(orientation) + log p(bucket), linear_sum_assignment over capacity-many slots of each pair) gives the
-    last row its bucket, its orientation being only the means to it. As in assign_within_subject, earlier rows
-    are evidence of what the subject has left, never re-answered."""
+    last row its bucket, its orientation being only the means to it. Earlier rows are evidence of what the
+    subject has left, never re-answered (assign_within_subject: why)."""
     from scipy.optimize import linear_sum_assignment
     buckets = bucket_probabilities(history, decoding)
     n = buckets.shape[0]
     if n <= 1:
         return int(decide_gestures(history[-1:], decoding)[0])
     pairs = np.argwhere(np.ones_like(capacity, dtype=bool))              # (orientation, bucket), row-major
-    slots = np.repeat(np.arange(len(pairs)), np.maximum(capacity.ravel(), 1))
+    slots = np.repeat(np.arange(len(pairs)), np.maximum(capacity.ravel(), 1))       # empty pairs keep one slot
     if len(slots) < n:                                     # more sequences than the capacities allow: relax evenly
         slots = np.concatenate([slots, np.tile(np.arange(len(pairs)), -(-(n - len(slots)) // len(pairs)))])
     cost = (-np.log(np.clip(orientation, 1e-9, None))[:, pairs[:, 0]]
@@ -4078,6 +4070,11 @@ def warn_overridden_settings(manifest: dict[str, Any]) -> None:
                         "setting (retrain to change it)", variable, raw, json.dumps(value))
 
 
+def sequence_subject(sequence: pl.DataFrame) -> str | None:
+    """The sequence's subject id (a string: admit() made it one), or None when it has none."""
+    return sequence["subject"][0] if "subject" in sequence.columns and sequence.height else None
+
+
 class GesturePredictor:
     """Loaded artifacts plus the per-sequence path: admit -> sanitize -> frame features -> aggregates -> models."""
 
@@ -4218,7 +4215,7 @@ class GesturePredictor:
             self.warnings.warn("demographics", "no demographics row: using training medians (right-handed)")
             return values
         row = demographics.row(0, named=True)
-        subject = sequence["subject"][0] if "subject" in sequence.columns and sequence.height else None
+        subject = sequence_subject(sequence)
         if subject is not None and row.get("subject") not in (None, subject):
             self.warnings.warn("subject", f"demographics are for subject {row.get('subject')!r}, the sequence is "
                                           f"{subject!r}: using training medians")
@@ -4251,8 +4248,7 @@ class GesturePredictor:
         if raw.shape[0] == 0:
             raise ValueError("empty sequence")
         if self.turns is not None:
-            subject = sequence["subject"][0] if "subject" in sequence.columns else None
-            if self.turns.observe(subject, raw, self.mirror and demo["handedness"] == 0):
+            if self.turns.observe(sequence_subject(sequence), raw, self.mirror and demo["handedness"] == 0):
                 _turn_device_raw_inplace(raw)
         variant = self.route(raw)
         starts = np.zeros(raw.shape[0], dtype=bool)
@@ -4306,8 +4302,7 @@ class GesturePredictor:
         if self.assigner is None:
             return int(decide_gestures(probs[None], self.decoding)[0])
         try:
-            subject = sequence["subject"][0] if "subject" in sequence.columns and sequence.height else None
-            return self.assigner.answer(subject, probs, orientation)   # a string: admit() made it one
+            return self.assigner.answer(sequence_subject(sequence), probs, orientation)
         except Exception as exc:                            # never worse than the plain answer
             self.warnings.warn("per_subject", f"per-subject assignment failed ({type(exc).__name__}: {exc}); "
                                               "answering the decoded probabilities")
@@ -4917,7 +4912,7 @@ def train_all(train: pl.DataFrame, settings: Settings, model_dir: Path, timer: S
     orientation_model = None
     if settings.ensemble.PER_SUBJECT is not False and settings.ensemble.ASSIGNMENT != "pooled":
         with timer("orientation classifier"):
-            orientation_model = train_orientation_model(features, sequences, folds, cfg.SEED, model_dir,
+            orientation_model = train_orientation_model(features, sequences, folds, cfg.SEED,
                                                         settings.lgbm.NUM_THREADS)
     full_fit = resolve_full_fit(cfg.FULL_FIT)
     trainers: list[tuple[str, str, Callable[[], FamilyResult]]] = []
